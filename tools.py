@@ -253,21 +253,34 @@ class SearchR1Client:
             raise RuntimeError(f"retrieval server {self.url} answered JSON without a result list") from None
 
 
-def format_passages(passages: Sequence[Passage]) -> str:
-    """Search-R1's observation layout: one `Doc i (Title: …) text` line per passage."""
+def format_passages(passages: Sequence[Passage], passage_chars: int | None = None) -> str:
+    """Search-R1's observation layout: one `Doc i (Title: …) text` line per passage, each text cut to
+    `passage_chars` characters (at a word boundary) when given.
+
+    >>> format_passages([Passage("Nile", "The Nile is a major river in Africa.", 1.0)], passage_chars=20)
+    'Doc 1 (Title: Nile) The Nile is a major…'
+    """
     if not passages:
         return "No results found."
-    return "\n".join(f"Doc {i} (Title: {p.title}) {p.text}" for i, p in enumerate(passages, start=1))
+    lines = []
+    for i, passage in enumerate(passages, start=1):
+        text = passage.text
+        if passage_chars is not None and len(text) > passage_chars:
+            text = text[:passage_chars].rsplit(" ", 1)[0] + "…"
+        lines.append(f"Doc {i} (Title: {passage.title}) {text}")
+    return "\n".join(lines)
 
 
-def search_tool(backend: Callable[[str, int], list[Passage]], topk: int = 3, max_query_chars: int = 300) -> Tool:
-    """The `search` tool over any backend `backend(query, k) -> list[Passage]` (BM25Search, SearchR1Client)."""
+def search_tool(backend: Callable[[str, int], list[Passage]], topk: int = 3, passage_chars: int | None = None,
+                max_query_chars: int = 300) -> Tool:
+    """The `search` tool over any backend `backend(query, k) -> list[Passage]` (BM25Search, SearchR1Client).
+    `passage_chars` shortens each passage (every token of a tool response costs prefill time on a CPU)."""
 
     def search(query: str) -> str:
         query = query.strip()[:max_query_chars]
         if not query:
             return "Error: the search query is empty"
-        return format_passages(backend(query, topk))
+        return format_passages(backend(query, topk), passage_chars)
 
     parameters = {"type": "object",
                   "properties": {"query": {"type": "string", "description": "what to look up"}},
