@@ -32,7 +32,8 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
 
 
 def test_unreachable_hub_name_gives_one_clear_error():
-    code = "import models\ntry:\n    models.load_model('Qwen2.5-0.5B')\nexcept models.ModelLoadError as e:\n    print(e)"
+    code = ("import models\ntry:\n    models.load_model('Qwen2.5-0.5B')\n"
+            "except models.ModelLoadError as e:\n    print(e)")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                             cwd=Path(__file__).parent.parent)

@@ -1,0 +1,468 @@
+"""The agent's rollout: a batched, multi-turn tool loop, token-in and token-out (METHOD.md §1).
+
+For each question we sample G trajectories (a *group*: GRPO compares them with each other). A trajectory is one
+assistant turn that alternates model segments and tool responses:
+
+    prompt ids | segment 1 (sampled) | tool response 1 (environment) | segment 2 (sampled) | ... | <answer>…</answer>
+    loss mask:   1 1 1 1 1 1 1 1 1 1   0 0 0 0 0 0 0 0 0 0 0 0 0 0 0   1 1 1 1 1 1 1 1 1 1       1 1 1 1 1 1 1 1 1
+
+The loop, in rounds:
+  1. all active trajectories sample their next segment together: one batch, a KV cache, a plain sampling loop from
+     which a row leaves as soon as its segment ends, at the token that completes `</tool_call>` or `</answer>`, at
+     EOS, or at a length limit;
+  2. a segment that ended in a tool call gets the call parsed and executed (tools.py), and the tool response is
+     tokenized on its own and appended with loss mask 0; the others are finished;
+  3. repeat with the trajectories that are still active.
+The system message and worked example open every prompt; their keys and values are computed once per rollout and
+shared by every row (on a CPU that prefix is most of the prompt's cost).
+
+Token-in, token-out: the sampled ids are kept exactly as they were sampled; only the new tool text is tokenized.
+Sampled text is never decoded and re-encoded (peers' mask and drift bugs, PEERS.md).
+
+Every trajectory records what METHOD.md §1 lists: ids, loss mask, sampling log-probs, the span of each assistant
+segment ("step", used by iStar), each tool call with its parse status and response, the final answer, why it
+stopped, and its group id.
+
+`response_logprobs` recomputes per-token log-probs of the response tokens with any model (the policy for the ratio,
+a reference model for KL, the implicit PRM for iStar) in one forward pass, and `recompute_logprobs` does it without
+gradients in micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from transformers import DynamicCache
+
+import tools as tool_lib
+from data import Example
+from prs import extract_answer
+
+STOP_STRINGS = {tool_lib.TOOL_CALL_CLOSE: "tool_call", tool_lib.ANSWER_CLOSE: "answer"}
+STOP_REASONS = ("answer", "eos", "length", "max_tool_calls")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings and records
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RolloutConfig:
+    group_size: int = 5
+    """G: trajectories per question (the paper uses 5)"""
+    temperature: float = 1.0
+    """sampling temperature; 0 means greedy decoding"""
+    top_p: float = 1.0
+    """nucleus sampling; 1.0 samples from the full (tempered) distribution"""
+    max_tool_calls: int = 4
+    """a trajectory that tries to call a tool once more than this is stopped ("max_tool_calls")"""
+    max_new_tokens: int = 256
+    """the most tokens one segment may sample before it is stopped ("length")"""
+    max_total_tokens: int = 2048
+    """the most tokens of prompt + response; a trajectory reaching it is stopped ("length")"""
+    max_observation_chars: int = tool_lib.MAX_OBSERVATION_CHARS
+    """tool responses are cut to this many characters before they are tokenized"""
+    batch_size: int = 64
+    """the most trajectories sampled together in one batch (bounds memory)"""
+    few_shot: bool = True
+    """put one worked example (question, search, answer) in the prompt; small models need it to use the format"""
+    refill_below: float = 0.25
+    """a round stops early once fewer than this fraction of its rows are still sampling while others wait to go on
+    after a tool call; the unfinished segments continue in the next round with them (0: every round runs to the end)"""
+
+
+@dataclass
+class ToolCallRecord:
+    call: tool_lib.ToolCall  # parse status: call.ok, call.error
+    observation: str  # what the tool answered, before formatting
+    step: int  # index of the segment that made the call
+    span: tuple[int, int]  # [start, end) of the tool-response tokens in response_ids ((-1, -1): did not fit)
+
+
+@dataclass
+class Trajectory:
+    example: Example
+    group_id: int
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)  # sampled tokens and tool-response tokens, in order
+    loss_mask: list[int] = field(default_factory=list)  # per response token: 1 sampled by the policy, 0 tool
+    logprobs: list[float] = field(default_factory=list)  # per response token: sampling log-prob (0.0 for tool tokens)
+    steps: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each sampled segment
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    stop_reason: str | None = None  # one of STOP_REASONS
+    text: str = ""  # response_ids decoded without special tokens (what rewards score)
+    answer: str | None = None  # the final <answer>, None if none
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The prompt
+# ----------------------------------------------------------------------------------------------------------------------
+SYSTEM_PROMPT = """You are a research assistant. You answer questions by searching Wikipedia.
+
+You can call these tools (JSON signatures):
+{tools}
+
+To call a tool, write one JSON object inside tags, like this:
+<tool_call>{{"name": "search", "arguments": {{"query": "your search words"}}}}</tool_call>
+The result comes back inside <tool_response></tool_response>. You may think inside <think></think>, search up to \
+{max_calls} times, and must end with the final answer, a short name or phrase, inside <answer></answer>."""
+
+FEW_SHOT_QUESTION = 'Which Wikipedia article has the short description "Largest moon of Saturn"?'
+FEW_SHOT_RESPONSE = (
+    "<think>I need the article about the largest moon of Saturn.</think>\n"
+    '<tool_call>{"name": "search", "arguments": {"query": "largest moon of Saturn"}}</tool_call>\n'
+    "<tool_response>\nDoc 1 (Title: Titan (moon)) Titan is the largest moon of Saturn and the second-largest in the "
+    "Solar System.\n</tool_response>\n"
+    "<think>The article is Titan (moon).</think>\n<answer>Titan</answer>"
+)
+
+
+def build_messages(question: str, tools: Mapping[str, tool_lib.Tool], max_tool_calls: int, few_shot: bool):
+    """The chat: a system message that describes the tools from their signatures and the format, an optional
+    worked example, and the question."""
+    system = SYSTEM_PROMPT.format(tools=tool_lib.describe_tools(tools), max_calls=max_tool_calls)
+    messages = [{"role": "system", "content": system}]
+    if few_shot:
+        messages += [{"role": "user", "content": FEW_SHOT_QUESTION},
+                     {"role": "assistant", "content": FEW_SHOT_RESPONSE}]
+    return messages + [{"role": "user", "content": question}]
+
+
+def prompt_ids(tokenizer, question: str, tools, config: RolloutConfig) -> list[int]:
+    messages = build_messages(question, tools, config.max_tool_calls, config.few_shot)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One round of generation: a plain sampling loop over the active rows
+# ----------------------------------------------------------------------------------------------------------------------
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return {i for i in ids if i is not None}
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of all sequences, leaving every sequence at least one token of its own.
+
+    All prompts share the system message and the worked example (~350 tokens with SmolLM2's template), so their
+    keys and values are computed once per batch and not once per trajectory: on a CPU that is most of the prefill.
+    """
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, prefix_length: int = 0):
+    """[batch, width] ids and attention mask laid out as [shared prefix | padding | own suffix]: the first
+    `prefix_length` tokens (the same in every row) stay at the left, each row's remaining tokens are right-aligned.
+    With prefix_length 0 this is plain left padding. Positions are computed from the mask, so padding in the middle
+    changes nothing: every row sees exactly its own tokens at positions 0, 1, 2, ...
+
+    >>> pad_batch([[7, 8, 1], [7, 8, 2, 3]], pad_id=0, prefix_length=2)[0].tolist()
+    [[7, 8, 0, 1], [7, 8, 2, 3]]
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        suffix = len(seq) - prefix_length
+        ids[row, :prefix_length] = torch.tensor(seq[:prefix_length], dtype=torch.long)
+        ids[row, width - suffix:] = torch.tensor(seq[prefix_length:], dtype=torch.long)
+        mask[row, :prefix_length] = 1
+        mask[row, width - suffix:] = 1
+    return ids, mask
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from the attention mask: 0, 1, 2, ... over each row's real tokens."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def prefix_cache(model, prefix_ids: torch.Tensor, rows: int, encoded=None):
+    """Keys and values of a shared prefix [1, P] repeated for `rows` rows: computed here, or copied from `encoded`
+    (an earlier call's result for one row). Differentiable when gradients are enabled (the update backpropagates
+    through the shared prefix once, not once per row)."""
+    if encoded is None:
+        cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+    else:
+        cache = copy.deepcopy(encoded)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+class Segment:
+    """One model segment being sampled, possibly over several rounds: its tokens, their log-probs, and why it ended.
+
+    It ends at the token that completes a stop string, at EOS, or at its token budget. Each token is decoded on its
+    own and added to a short tail of text; the stop strings are ASCII, and an ASCII character is one byte in any
+    byte-level vocabulary, so the pieces contain a stop string exactly when the decoded text does. The token that
+    completes it is kept whole, even if it carries more characters (`>,`).
+    """
+
+    def __init__(self, tokenizer, budget: int, eos_ids: set[int]):
+        self.tokenizer, self.budget, self.eos_ids = tokenizer, budget, eos_ids
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.reason: str | None = None  # "tool_call", "answer", "eos" or "length" once it ended
+        self._tail = ""
+
+    def add(self, token: int, logprob: float) -> bool:
+        """Append a sampled token; True if it ended the segment."""
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        self._tail = (self._tail + self.tokenizer.decode([token]))[-32:]
+        if token in self.eos_ids:
+            self.reason = "eos"
+        elif stops := [reason for stop, reason in STOP_STRINGS.items() if stop in self._tail]:
+            self.reason = stops[0]
+        elif len(self.ids) >= self.budget:
+            self.reason = "length"
+        return self.reason is not None
+
+
+def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row from scores [batch, vocab]: argmax at temperature 0, else a draw from softmax(scores / T)
+    restricted to the smallest set of tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores / temperature, dim=-1)  # [batch, vocab]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [batch, vocab]
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [batch]
+
+
+@torch.no_grad()
+def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segments: Sequence[Segment],
+                      config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=()) -> None:
+    """One round: every context samples the continuation of its segment, all together with a KV cache.
+
+    Adds to each segment the sampled tokens and log π(token) under the tempered policy softmax(logits / T), recorded
+    before any `logits_processors` (callables (ids [batch, width], scores [batch, vocab]) -> scores, as in
+    transformers) so they are the model's own. A row whose segment ends leaves the batch at once. Once fewer than
+    `config.refill_below` of the rows are still sampling while others wait to go on after a tool call, the round
+    stops: the unfinished segments continue in the next round, together with those, instead of decoding a long tail
+    at batch size 1 or 2. The first `prefix_length` tokens must be the same in every context; their keys and values
+    are `prefix` (a cache of one row, from prefix_cache) when given, else computed once here.
+    """
+    ids, mask = (t.to(model.device) for t in pad_batch(contexts, tokenizer.pad_token_id, prefix_length))
+    cache = prefix_cache(model, ids[:1, :prefix_length], len(contexts), prefix) if prefix_length else DynamicCache()
+    step_ids, step_positions = ids[:, prefix_length:], positions(mask)[:, prefix_length:]  # first step: own tokens
+    temperature = config.temperature or 1.0
+    rows = list(range(len(contexts)))  # index in `segments` of each row still sampling
+    while rows:
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # [active, vocab]
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)  # [active, vocab]
+        scores = logits
+        for processor in logits_processors:
+            scores = processor(ids, scores)
+        tokens = sample(scores, config.temperature, config.top_p)  # [active]
+        token_logprobs = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [active]
+        keep = [i for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), token_logprobs.tolist()))
+                if not segments[row].add(token, logprob)]
+        waiting = sum(segment.reason == "tool_call" for segment in segments)
+        if waiting and len(keep) < config.refill_below * len(contexts):
+            return
+        step_positions = mask.sum(dim=1, keepdim=True)  # [active, 1] the new token's position
+        ids = torch.cat([ids, tokens[:, None]], dim=1)  # [active, width + 1]
+        mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)  # [active, width + 1]
+        step_ids = tokens[:, None]  # [active, 1]
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=ids.device)
+            cache.batch_select_indices(index)
+            ids, mask, step_ids, step_positions = ids[index], mask[index], step_ids[index], step_positions[index]
+            rows = [rows[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tool loop
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, tool_lib.Tool], config: RolloutConfig,
+            *, first_group_id: int = 0, logits_processors=()) -> list[Trajectory]:
+    """G trajectories for each example, in order: example 0's G, then example 1's, ... Example i gets group id
+    first_group_id + i (the same for its G samples, distinct across examples)."""
+    trajectories = []
+    for index, example in enumerate(examples):
+        ids = prompt_ids(tokenizer, example.question, tools, config)
+        trajectories += [Trajectory(example, first_group_id + index, list(ids)) for _ in range(config.group_size)]
+    for trajectory in trajectories:
+        if len(trajectory.prompt_ids) >= config.max_total_tokens:
+            trajectory.stop_reason = "length"
+    if not trajectories:
+        return []
+    prefix_length = shared_prefix_length([t.prompt_ids for t in trajectories])
+    prefix_ids = torch.tensor([trajectories[0].prompt_ids[:prefix_length]], device=model.device)
+    prefix = prefix_cache(model, prefix_ids, rows=1) if prefix_length else None  # encoded once per rollout
+    eos_ids = _eos_ids(model, tokenizer)
+    open_segments: dict[int, Segment] = {}  # trajectory index -> the segment it is sampling
+    while active := [i for i, t in enumerate(trajectories) if not t.done]:
+        for start in range(0, len(active), config.batch_size):
+            chunk = active[start:start + config.batch_size]
+            for i in chunk:
+                used = len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids)
+                budget = min(config.max_new_tokens, config.max_total_tokens - used)
+                open_segments.setdefault(i, Segment(tokenizer, budget, eos_ids))
+            contexts = [trajectories[i].prompt_ids + trajectories[i].response_ids + open_segments[i].ids
+                        for i in chunk]
+            generate_segments(model, tokenizer, contexts, [open_segments[i] for i in chunk], config, prefix_length,
+                              prefix, logits_processors)
+            for i in chunk:
+                if open_segments[i].reason is not None:
+                    _continue(trajectories[i], open_segments.pop(i), tokenizer, tools, config)
+    for trajectory in trajectories:
+        trajectory.text = tokenizer.decode(trajectory.response_ids, skip_special_tokens=True)
+        trajectory.answer = extract_answer(trajectory.text) if trajectory.stop_reason == "answer" else None
+    return trajectories
+
+
+def _continue(trajectory: Trajectory, segment: Segment, tokenizer, tools, config: RolloutConfig) -> None:
+    """Append a finished segment; then finish the trajectory or run its tool call and append the response."""
+    start = len(trajectory.response_ids)
+    trajectory.response_ids += segment.ids
+    trajectory.loss_mask += [1] * len(segment.ids)
+    trajectory.logprobs += segment.logprobs
+    trajectory.steps.append((start, len(trajectory.response_ids)))
+    if segment.reason != "tool_call":
+        trajectory.stop_reason = segment.reason
+        return
+    if len(trajectory.tool_calls) >= config.max_tool_calls:
+        trajectory.stop_reason = "max_tool_calls"
+        return
+    call = _last_call(tokenizer.decode(segment.ids, skip_special_tokens=True), tools)
+    observation = tool_lib.execute(call, tools, config.max_observation_chars)
+    response = tokenizer(tool_lib.format_tool_response(observation), add_special_tokens=False).input_ids
+    room = config.max_total_tokens - len(trajectory.prompt_ids) - len(trajectory.response_ids)
+    if len(response) > room:  # the response does not fit: stop here, without a half response
+        trajectory.tool_calls.append(ToolCallRecord(call, observation, len(trajectory.steps) - 1, (-1, -1)))
+        trajectory.stop_reason = "length"
+        return
+    span = (len(trajectory.response_ids), len(trajectory.response_ids) + len(response))
+    trajectory.tool_calls.append(ToolCallRecord(call, observation, len(trajectory.steps) - 1, span))
+    trajectory.response_ids += response
+    trajectory.loss_mask += [0] * len(response)
+    trajectory.logprobs += [0.0] * len(response)
+    if len(response) == room:  # exactly filled: the response is kept, and there is no room left to generate
+        trajectory.stop_reason = "length"
+
+
+def _last_call(segment_text: str, tools) -> tool_lib.ToolCall:
+    """The call this segment ended with (a segment stops at its first `</tool_call>`)."""
+    opened = segment_text.rfind(tool_lib.TOOL_CALL_OPEN)
+    if opened == -1:
+        return tool_lib.ToolCall(segment_text, error="found </tool_call> without an opening <tool_call>")
+    body = segment_text[opened + len(tool_lib.TOOL_CALL_OPEN):segment_text.rfind(tool_lib.TOOL_CALL_CLOSE)]
+    return tool_lib.parse_tool_call(body, tools)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tensors for the update, and log-probs under any model
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenBatch:
+    """Trajectories as tensors. The full sequences are laid out [shared prefix | padding | own tokens] (pad_batch);
+    everything per response token is [N, R] with the response left-aligned (column j = response token j), R the
+    longest response."""
+
+    input_ids: torch.Tensor  # [N, L] prompt + response
+    attention_mask: torch.Tensor  # [N, L]
+    response_ids: torch.Tensor  # [N, R]
+    response_mask: torch.Tensor  # [N, R] 1 on real response tokens (sampled or tool)
+    loss_mask: torch.Tensor  # [N, R] 1 on sampled tokens only
+    sampling_logprobs: torch.Tensor  # [N, R]
+    prefix_length: int = 0  # P: the first P columns hold the same prompt tokens in every row
+
+    def to(self, device) -> "TokenBatch":
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prefix_length"}
+        return dataclasses.replace(self, **{name: tensor.to(device) for name, tensor in tensors.items()})
+
+    def __getitem__(self, rows: slice) -> "TokenBatch":
+        """Rows `rows`, without the columns none of them uses (so short rows do not pay for long ones)."""
+        own = int(self.attention_mask[rows, self.prefix_length:].sum(dim=1).max())  # the longest own part
+        response = max(1, int(self.response_mask[rows].sum(dim=1).max()))  # the longest response
+        width = self.input_ids.shape[1]
+        columns = torch.cat([torch.arange(self.prefix_length), torch.arange(width - own, width)])
+        return TokenBatch(self.input_ids[rows][:, columns], self.attention_mask[rows][:, columns],
+                          self.response_ids[rows, :response], self.response_mask[rows, :response],
+                          self.loss_mask[rows, :response], self.sampling_logprobs[rows, :response], self.prefix_length)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
+    prefix_length = shared_prefix_length([t.prompt_ids for t in trajectories])
+    input_ids, attention_mask = pad_batch([t.prompt_ids + t.response_ids for t in trajectories], pad_id,
+                                          prefix_length)
+    width = max(1, max(len(t.response_ids) for t in trajectories))
+
+    def right_pad(rows, value, dtype):
+        out = torch.full((len(rows), width), value, dtype=dtype)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=dtype)
+        return out
+
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_ids=right_pad([t.response_ids for t in trajectories], pad_id, torch.long),
+        response_mask=right_pad([[1] * len(t.response_ids) for t in trajectories], 0, torch.long),
+        loss_mask=right_pad([t.loss_mask for t in trajectories], 0, torch.long),
+        sampling_logprobs=right_pad([t.logprobs for t in trajectories], 0.0, torch.float32),
+        prefix_length=prefix_length,
+    )
+
+
+def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False,
+                      share_prefix: bool = True):
+    """log π(response token j | everything before it) for every row and j: [N, R] (0 where response_mask is 0),
+    with gradients if enabled; also the per-token entropy [N, R] when asked.
+
+    Only the last R + 1 positions' logits are computed (the prompt's are not needed). With `share_prefix`, the
+    batch's shared prompt prefix is encoded once and its keys and values reused by every row; the result is the
+    same as one full forward pass (a test checks it). Turn it off with gradient checkpointing, which re-runs layers
+    in the backward pass and would append to the shared cache twice.
+    """
+    lengths = batch.response_mask.sum(dim=1)  # [N]
+    width = batch.response_ids.shape[1]  # R
+    start = batch.prefix_length if share_prefix else 0
+    cache = prefix_cache(model, batch.input_ids[:1, :start], len(batch)) if start else None
+    logits = model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                   position_ids=positions(batch.attention_mask)[:, start:], past_key_values=cache,
+                   use_cache=cache is not None, logits_to_keep=width + 1).logits  # [N, R+1, V]
+    logits = logits[:, :-1].float() / temperature  # [N, R, V] column c predicts input token L - R + c
+    targets = batch.input_ids[:, -width:]  # [N, R]
+    right_aligned = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [N, R]
+    # Row r's response token j sits at input position L - n_r + j, i.e. column R - n_r + j: re-align to column j.
+    columns = (width - lengths[:, None] + torch.arange(width, device=lengths.device)[None, :]).clamp(max=width - 1)
+    valid = batch.response_mask.bool()  # [N, R]
+    token_logprobs = torch.where(valid, right_aligned.gather(1, columns), torch.zeros_like(right_aligned))  # [N, R]
+    if not with_entropy:
+        return token_logprobs
+    logp = torch.log_softmax(logits, dim=-1)  # [N, R, V]
+    entropy = -(logp.exp() * logp).sum(dim=-1).gather(1, columns)  # [N, R]
+    return token_logprobs, torch.where(valid, entropy, torch.zeros_like(entropy))
+
+
+@torch.no_grad()
+def recompute_logprobs(model, batch: TokenBatch, micro_batch_size: int = 8, temperature: float = 1.0) -> torch.Tensor:
+    """[N, R] log-probs of the response tokens under `model`, without gradients, `micro_batch_size` rows at a time."""
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+    for start in range(0, len(batch), micro_batch_size):
+        micro = batch[start:start + micro_batch_size].to(model.device)
+        out[start:start + len(micro), :micro.response_ids.shape[1]] = response_logprobs(model, micro, temperature).cpu()
+    return out

@@ -1,0 +1,281 @@
+"""rollout.py: the batched tool loop, driven through the real `generate` of the tiny model.
+
+A scripted policy (a logits processor placed after the log-prob recorder) forces each row to emit a known token
+sequence, so masks, spans, stop points and tool responses can be checked exactly; the recorder still sees the tiny
+model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
+"""
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+import models
+import rollout
+import tools
+from data import Example
+from rollout import RolloutConfig, collate, recompute_logprobs, response_logprobs
+from tools import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tokenizer = models.load_tokenizer(models.TINY)
+    tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS lets the script find each row's own tokens
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return tiny[0]
+
+
+def nile_backend(query, k):
+    return [tools.Passage("Nile", f"The Nile is a river in Africa. You searched for {query}.", 1.0)]
+
+
+TOOLS = {"search": tools.search_tool(nile_backend)}
+
+CALL = ["<think>I should search.</think>", "<tool_call>", '{"name": "search", "arguments": {"query": "Nile"}}',
+        "</tool_call>"]
+BAD_CALL = ["<tool_call>", '{"name": "search", "arguments": {"query": ', "</tool_call>"]
+ANSWER = ["<think>Found it.</think>", "<answer>", "Nile", "</answer>"]
+
+
+class Scripted(LogitsProcessor):
+    """Forces every row to follow the script of its question: a list of segments, each a list of text pieces that
+    are tokenized one by one. Between segments the environment's tool response is skipped. A pure function of
+    each row's context, so G copies of one question behave identically."""
+
+    def __init__(self, tokenizer, scripts):
+        self.tok = tokenizer
+        self.header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+        self.scripts = {key: [segment_ids(tokenizer, seg) for seg in segments] for key, segments in scripts.items()}
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids.tolist()):
+            ids = [t for t in ids if t != self.tok.pad_token_id]
+            start = max(i for i in range(len(ids)) if ids[i:i + len(self.header)] == self.header) + len(self.header)
+            prompt = self.tok.decode(ids[:start])
+            (key,) = [key for key in self.scripts if f"Question {key}?" in prompt]
+            scores[row] = -float("inf")
+            scores[row, self.next_token(self.scripts[key], ids[start:])] = 0.0
+        return scores
+
+    def next_token(self, segments, response):
+        position = 0
+        for segment in segments:
+            have = response[position:position + len(segment)]
+            assert have == segment[:len(have)], "the rollout changed a sampled token"
+            if len(have) < len(segment):
+                return segment[len(have)]
+            position += len(segment)
+            text = ""
+            while position < len(response) and not text.endswith(TOOL_RESPONSE_CLOSE + "\n"):
+                text += self.tok.decode([response[position]])
+                position += 1
+        return self.tok.eos_token_id
+
+
+def segment_ids(tokenizer, pieces):
+    return [i for piece in pieces for i in
+            ([tokenizer.eos_token_id] if piece == "EOS" else tokenizer(piece, add_special_tokens=False).input_ids)]
+
+
+def run(model, tok, scripts, group_size=1, first_group_id=0, **settings):
+    config = RolloutConfig(group_size=group_size, temperature=1.0, max_new_tokens=settings.pop("max_new_tokens", 64),
+                           max_total_tokens=settings.pop("max_total_tokens", 2048), **settings)
+    examples = [Example(id=key, question=f"Question {key}?", answers=("Nile",)) for key in scripts]
+    return rollout.rollout(model, tok, examples, TOOLS, config, first_group_id=first_group_id,
+                           logits_processors=[Scripted(tok, scripts)])
+
+
+def sampled(trajectory):
+    return [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask) if m == 1]
+
+
+def tool_tokens(tok, observation):
+    return tok(tools.format_tool_response(observation), add_special_tokens=False).input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masks, spans, tool responses, token-in/token-out
+# ----------------------------------------------------------------------------------------------------------------------
+def test_masks_spans_and_tool_responses_are_exact(model, tok):
+    (t,) = run(model, tok, {"a": [CALL, BAD_CALL, ANSWER]})
+    assert t.stop_reason == "answer" and t.answer == "Nile"
+    assert len(t.response_ids) == len(t.loss_mask) == len(t.logprobs)
+    # token-in/token-out: the sampled ids are exactly the ids generate produced from the script
+    assert sampled(t) == segment_ids(tok, CALL) + segment_ids(tok, BAD_CALL) + segment_ids(tok, ANSWER)
+    # steps are the sampled segments, tool spans the environment's tokens; together they tile the response in order
+    assert len(t.steps) == 3 and [c.step for c in t.tool_calls] == [0, 1]
+    pieces = sorted(t.steps + [c.span for c in t.tool_calls])
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(t.response_ids)
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    for start, end in t.steps:
+        assert set(t.loss_mask[start:end]) == {1}
+    for call in t.tool_calls:
+        start, end = call.span
+        assert set(t.loss_mask[start:end]) == {0}  # no tool-response token is ever trained on
+        assert t.response_ids[start:end] == tool_tokens(tok, call.observation)  # tokenized on its own, appended once
+        assert set(t.logprobs[start:end]) == {0.0}
+    assert t.tool_calls[0].call.ok and t.tool_calls[0].observation.startswith("Doc 1 (Title: Nile)")
+    assert not t.tool_calls[1].call.ok and "not valid JSON" in t.tool_calls[1].call.error
+    assert t.tool_calls[1].observation.startswith("Error: the tool call is not valid JSON")
+    # each tool response appears exactly once in the text
+    assert t.text.count(TOOL_RESPONSE_OPEN) == 2
+    assert t.text.count(t.tool_calls[0].observation) == 1 and t.text.count(t.tool_calls[1].observation) == 1
+    assert all(lp < 0 for lp in (p for p, m in zip(t.logprobs, t.loss_mask) if m))
+
+
+@pytest.mark.parametrize("pieces, reason", [
+    (["<answer>", "Nile", "</answer", ">,"], "answer"),
+    (["<tool_call>", '{"name": "search", "arguments": {"query": "Nile"}}', "</tool_call", '>"'], "tool_call"),
+])
+def test_a_segment_stops_at_the_token_that_completes_the_stop_string(model, tok, pieces, reason):
+    # '>,' and '>"' are single tokens that complete the stop string and carry one more character. The segment must
+    # end with that token, kept whole; a stopper that missed it would let the script go on (EOS, or the next segment
+    # without a tool response in between).
+    (t,) = run(model, tok, {"a": [pieces, ANSWER]}, max_tool_calls=1)
+    first_segment = t.response_ids[t.steps[0][0]:t.steps[0][1]]
+    assert first_segment == segment_ids(tok, pieces) and first_segment[-1] == tok.convert_tokens_to_ids(
+        tok.tokenize(pieces[-1]))[0]
+    if reason == "answer":
+        assert t.stop_reason == "answer" and t.answer == "Nile" and len(t.steps) == 1
+    else:
+        assert t.tool_calls[0].call.ok and t.stop_reason == "answer" and len(t.steps) == 2
+
+
+def test_a_tool_response_that_exactly_fills_the_budget_is_kept(model, tok):
+    (free,) = run(model, tok, {"a": [CALL, ANSWER]})
+    observation = free.tool_calls[0].observation
+    exact = len(free.prompt_ids) + len(segment_ids(tok, CALL)) + len(tool_tokens(tok, observation))
+
+    (t,) = run(model, tok, {"a": [CALL, ANSWER]}, max_total_tokens=exact)
+    assert t.stop_reason == "length" and len(t.prompt_ids) + len(t.response_ids) == exact
+    assert t.tool_calls[0].span != (-1, -1) and t.text.count(observation) == 1
+
+    (short,) = run(model, tok, {"a": [CALL, ANSWER]}, max_total_tokens=exact - 1)
+    assert short.stop_reason == "length" and short.tool_calls[0].span == (-1, -1)
+    assert TOOL_RESPONSE_OPEN not in short.text and sampled(short) == segment_ids(tok, CALL)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stop reasons and groups
+# ----------------------------------------------------------------------------------------------------------------------
+def test_stop_reasons(model, tok):
+    eos, too_many_calls = run(model, tok, {"eos": [["Just some words", "EOS"]], "calls": [CALL, CALL, ANSWER]},
+                              max_tool_calls=1)
+    (long_segment,) = run(model, tok, {"long": [["word " * 40]]}, max_new_tokens=12)
+    assert eos.stop_reason == "eos" and eos.answer is None
+    assert eos.response_ids[-1] == tok.eos_token_id and eos.loss_mask[-1] == 1  # the policy sampled EOS
+    assert long_segment.stop_reason == "length" and len(long_segment.response_ids) == 12
+    assert too_many_calls.stop_reason == "max_tool_calls" and len(too_many_calls.tool_calls) == 1
+    assert too_many_calls.text.count(TOOL_RESPONSE_OPEN) == 1  # the call over the limit is not executed
+    assert len(too_many_calls.steps) == 2 and set(rollout.STOP_REASONS) >= {t.stop_reason for t in
+                                                                          (eos, long_segment, too_many_calls)}
+
+
+def test_group_ids_are_shared_within_a_group_and_distinct_across(model, tok):
+    trajectories = run(model, tok, {"a": [ANSWER], "b": [CALL, ANSWER]}, group_size=3, first_group_id=10)
+    assert [t.group_id for t in trajectories] == [10, 10, 10, 11, 11, 11]
+    assert [t.example.id for t in trajectories] == ["a"] * 3 + ["b"] * 3
+    assert len({tuple(t.response_ids) for t in trajectories[:3]}) == 1
+
+
+def test_a_ragged_batch_gives_each_trajectory_what_it_gets_alone(model, tok):
+    scripts = {"a": [ANSWER], "b": [CALL, BAD_CALL, ANSWER], "c": [CALL, ANSWER], "d": [["Hmm", "EOS"]]}
+    together = run(model, tok, scripts)
+    in_pairs = run(model, tok, scripts, batch_size=2)
+    for key, joint, paired in zip(scripts, together, in_pairs):
+        (alone,) = run(model, tok, {key: scripts[key]})
+        for other in (joint, paired):
+            assert other.response_ids == alone.response_ids and other.loss_mask == alone.loss_mask
+            assert other.steps == alone.steps and other.stop_reason == alone.stop_reason
+            assert torch.allclose(torch.tensor(other.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Log-probs: recorded while sampling == recomputed afterwards
+# ----------------------------------------------------------------------------------------------------------------------
+def assert_recompute_matches(model, tok, trajectories, temperature=1.0):
+    batch = collate(trajectories, tok.pad_token_id)
+    mask = batch.loss_mask.bool()
+    for micro in (1, 3, 64):
+        recomputed = recompute_logprobs(model, batch, micro_batch_size=micro, temperature=temperature)
+        assert torch.allclose(recomputed[mask], batch.sampling_logprobs[mask], atol=2e-4), micro
+    with torch.no_grad():
+        shared = response_logprobs(model, batch, temperature)
+        full = response_logprobs(model, batch, temperature, share_prefix=False)
+    assert torch.allclose(shared, full, atol=2e-5)
+    assert (shared[~batch.response_mask.bool()] == 0).all()
+
+
+def test_recomputed_logprobs_match_sampling_logprobs_of_scripted_tool_trajectories(model, tok):
+    trajectories = run(model, tok, {"a": [CALL, BAD_CALL, ANSWER], "b": [ANSWER], "c": [CALL, ANSWER]})
+    assert_recompute_matches(model, tok, trajectories)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_recomputed_logprobs_match_freely_sampled_trajectories(model, tok, temperature):
+    torch.manual_seed(0)
+    config = RolloutConfig(group_size=3, temperature=temperature, max_new_tokens=24, max_total_tokens=2048)
+    examples = [Example("x", "Who wrote Hamlet?", ("Shakespeare",)), Example("y", "Where is the Nile?", ("Africa",))]
+    trajectories = rollout.rollout(model, tok, examples, TOOLS, config)
+    assert len({tuple(t.response_ids) for t in trajectories}) > 1  # really sampled
+    assert_recompute_matches(model, tok, trajectories, temperature)
+
+
+def test_logprobs_carry_gradients_and_entropy_is_masked(model, tok):
+    trajectories = run(model, tok, {"a": [CALL, ANSWER], "b": [ANSWER]})
+    batch = collate(trajectories, tok.pad_token_id)
+    logprobs, entropy = response_logprobs(model, batch, with_entropy=True)
+    assert logprobs.requires_grad and logprobs.shape == entropy.shape == batch.response_ids.shape
+    (logprobs * batch.loss_mask).sum().backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    assert (entropy[batch.response_mask.bool()] > 0).all() and (entropy[~batch.response_mask.bool()] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt and padding
+# ----------------------------------------------------------------------------------------------------------------------
+def test_prompt_describes_the_tools_and_holds_the_question(tok):
+    text = tok.apply_chat_template(rollout.build_messages("Where is the Nile?", TOOLS, 4, few_shot=True),
+                                   tokenize=False, add_generation_prompt=True)
+    assert tools.describe_tools(TOOLS) in text and "up to 4 times" in text
+    assert rollout.FEW_SHOT_QUESTION in text and text.rstrip().endswith("assistant")
+    assert text.index(rollout.FEW_SHOT_QUESTION) < text.index("Where is the Nile?")
+    plain = tok.apply_chat_template(rollout.build_messages("Where is the Nile?", TOOLS, 4, few_shot=False),
+                                    tokenize=False, add_generation_prompt=True)
+    assert rollout.FEW_SHOT_QUESTION not in plain
+
+
+def test_pad_batch_keeps_each_rows_tokens_at_positions_from_zero():
+    rows = [[5, 6, 7, 8, 9], [5, 6, 1], [5, 6, 2, 3]]
+    prefix = rollout.shared_prefix_length(rows)
+    assert prefix == 2
+    ids, mask = rollout.pad_batch(rows, pad_id=0, prefix_length=prefix)
+    position = rollout.positions(mask)
+    for row, seq in enumerate(rows):
+        assert ids[row][mask[row].bool()].tolist() == seq
+        assert position[row][mask[row].bool()].tolist() == list(range(len(seq)))
+    assert rollout.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps a token of its own
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real embedded model
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_model_searches_with_a_valid_call(embedded, bm25):
+    model, tokenizer = embedded
+    registry = {"search": tools.search_tool(bm25, passage_chars=200)}
+    examples = [Example("q1", 'Which Wikipedia article has the short description "Sprint race"?', ("100 metres",)),
+                Example("q2", 'Which Wikipedia article has the short description "Spiritual leader of Tibet since '
+                              '1940"?', ("14th Dalai Lama",))]
+    config = RolloutConfig(group_size=1, temperature=0.0, max_new_tokens=64, max_total_tokens=1024)
+    trajectories = rollout.rollout(model, tokenizer, examples, registry, config)
+    for t, title in zip(trajectories, ["100 metres", "14th Dalai Lama"]):
+        assert t.tool_calls and t.tool_calls[0].call.ok and t.tool_calls[0].call.name == "search"
+        assert f"(Title: {title})" in t.tool_calls[0].observation  # the search found the gold article
+        assert t.text.count(TOOL_RESPONSE_OPEN) == len([c for c in t.tool_calls if c.span != (-1, -1)])
+    assert_recompute_matches(model, tokenizer, trajectories)
