@@ -434,9 +434,11 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
 
     Only the last R + 1 positions' logits are computed (the prompt's are not needed). With `share_prefix`, the
     batch's shared prompt prefix is encoded once and its keys and values reused by every row; the result is the
-    same as one full forward pass (a test checks it). Turn it off with gradient checkpointing, which re-runs layers
-    in the backward pass and would append to the shared cache twice.
+    same as one full forward pass (a test checks it). It is off for a model in training mode with gradient
+    checkpointing, where transformers drops the cache a forward pass is given.
     """
+    if model.training and _checkpointing(model):
+        share_prefix = False
     lengths = batch.response_mask.sum(dim=1)  # [N]
     width = batch.response_ids.shape[1]  # R
     start = batch.prefix_length if share_prefix else 0
@@ -458,11 +460,21 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
     return token_logprobs, torch.where(valid, entropy, torch.zeros_like(entropy))
 
 
+def _checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers 5 renamed the attribute."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
 @torch.no_grad()
-def recompute_logprobs(model, batch: TokenBatch, micro_batch_size: int = 8, temperature: float = 1.0) -> torch.Tensor:
-    """[N, R] log-probs of the response tokens under `model`, without gradients, `micro_batch_size` rows at a time."""
-    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+def recompute_logprobs(model, batch: TokenBatch, micro_batch_size: int = 8, temperature: float = 1.0,
+                       share_prefix: bool = True) -> torch.Tensor:
+    """[N, R] log-probs of the response tokens under `model`, without gradients, `micro_batch_size` rows at a time
+    (on the CPU, whatever the model's device)."""
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)  # [N, R]
+    device = next(model.parameters()).device
     for start in range(0, len(batch), micro_batch_size):
-        micro = batch[start:start + micro_batch_size].to(model.device)
-        out[start:start + len(micro), :micro.response_ids.shape[1]] = response_logprobs(model, micro, temperature).cpu()
+        micro = batch[start:start + micro_batch_size].to(device)
+        logprobs = response_logprobs(model, micro, temperature, share_prefix=share_prefix)  # [n, r]
+        out[start:start + len(micro), :logprobs.shape[1]] = logprobs.float().cpu()
     return out
