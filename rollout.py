@@ -446,17 +446,21 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
     logits = model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
                    position_ids=positions(batch.attention_mask)[:, start:], past_key_values=cache,
                    use_cache=cache is not None, logits_to_keep=width + 1).logits  # [N, R+1, V]
-    logits = logits[:, :-1].float() / temperature  # [N, R, V] column c predicts input token L - R + c
-    targets = batch.input_ids[:, -width:]  # [N, R]
-    right_aligned = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [N, R]
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # [N, R+1, V]
+    # Column c of the kept logits predicts input token L - R + c; the last column predicts nothing (target 0 there).
+    # cross_entropy is -log_softmax gathered at the target, fused: much less memory traffic over the vocabulary.
+    targets = torch.nn.functional.pad(batch.input_ids[:, -width:], (0, 1))  # [N, R+1]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # [N*(R+1)]
+    right_aligned = -nll.view(len(batch), width + 1)[:, :-1]  # [N, R]
     # Row r's response token j sits at input position L - n_r + j, i.e. column R - n_r + j: re-align to column j.
     columns = (width - lengths[:, None] + torch.arange(width, device=lengths.device)[None, :]).clamp(max=width - 1)
     valid = batch.response_mask.bool()  # [N, R]
     token_logprobs = torch.where(valid, right_aligned.gather(1, columns), torch.zeros_like(right_aligned))  # [N, R]
     if not with_entropy:
         return token_logprobs
-    logp = torch.log_softmax(logits, dim=-1)  # [N, R, V]
-    entropy = -(logp.exp() * logp).sum(dim=-1).gather(1, columns)  # [N, R]
+    with torch.no_grad():  # a diagnostic: no gradient, no graph kept
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [N, R, V]
+        entropy = -(logp.exp() * logp).sum(dim=-1).gather(1, columns)  # [N, R]
     return token_logprobs, torch.where(valid, entropy, torch.zeros_like(entropy))
 
 

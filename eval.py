@@ -1,0 +1,234 @@
+"""Evaluate a tool-using agent: the embedded default, a hub model or a checkpoint folder, with the real tool loop.
+
+    python eval.py                                            # the embedded model on the wiki test split
+    python eval.py --model runs/default/checkpoints/step-000020
+    python eval.py --task nq_test.jsonl hotpotqa_dev.jsonl --corpus wiki-18.jsonl --retriever http://127.0.0.1:8000
+
+Each question gets one trajectory (greedy by default) from rollout.py. Short-form answers are scored by exact match
+(EM, the number the papers report), token F1 and length-aware BLEU (prs.py); long-form answers by an LLM judge
+(accuracy = judge score >= 0.7). Also reported: how often the agent answered, how often its response was well
+formed, tool calls per question and the share of them that parsed, and why trajectories stopped. The trajectories
+are written as jsonl; a table is printed, one row per task and, with several tasks, their average (as the papers
+report over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, Musique and Bamboogle).
+
+`AgentArgs` are the settings an agent is made of (model, retrieval, tool-loop limits, judge); train.py extends them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import assets
+import data
+import models
+import prs
+import rollout
+import tools as tool_lib
+from cli import arg, parse
+
+
+@dataclass
+class AgentArgs:
+    model: str = arg(models.EMBEDDED, "model: smollm2-135m (embedded, offline), tiny-random, a save_pretrained "
+                                      "folder or checkpoint, Qwen2.5-0.5B/1.5B/3B/7B, or a hub id")
+    corpus: str = arg("wiki", "search corpus: wiki (10,033 Wikipedia summaries, built in) or a Search-R1 corpus "
+                              "jsonl file")
+    retriever: str = arg("bm25", "bm25 (local index over --corpus) or the URL of a Search-R1 retrieval server")
+    topk: int = arg(3, "passages per search")
+    passage_chars: int = arg(200, "cut each passage to this many characters (0: whole passages); shorter tool "
+                                  "responses are faster to encode")
+    max_tool_calls: int = arg(2, "tool calls allowed per trajectory")
+    max_new_tokens: int = arg(96, "tokens one model segment may sample before it is cut")
+    max_total_tokens: int = arg(1024, "the most tokens of prompt + response")
+    few_shot: bool = arg(True, "put one worked example in the prompt (small models need it to use the format)")
+    device: str = arg("auto", "cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    dtype: str = arg("auto", "compute precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
+                     choices=("auto", "bf16", "fp32"))
+    cache_dir: str = arg("", "cache for the embedded model and data (default: $AGENTIC_RL_CACHE or "
+                             "~/.cache/agentic-rl)")
+    judge_model: str = arg("", "long-form judge model name (default: $JUDGE_MODEL)")
+    judge_base_url: str = arg("", "OpenAI-compatible endpoint of the judge (default: $OPENAI_BASE_URL)")
+    judge_api_key: str = arg("", "judge API key (default: $OPENAI_API_KEY; prefer the variable, flags are visible "
+                                 "in the process list)")
+
+
+@dataclass
+class EvalArgs(AgentArgs):
+    task: list[str] = arg(["wiki"], "one or more tasks: wiki, fanoutqa, wiki-long, or Search-R1 question jsonl files")
+    split: str = arg("test", "split of the built-in tasks", choices=data.SPLITS)
+    limit: int = arg(0, "evaluate only the first N questions of each task (0: all)")
+    batch_size: int = arg(32, "trajectories generated together")
+    temperature: float = arg(0.0, "0: greedy decoding (the default); > 0 samples")
+    seed: int = arg(0, "random seed (matters only when sampling)")
+    output: str = arg("runs/eval", "folder for the trajectories (one <task>.jsonl each) and metrics.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building an agent from its settings
+# ----------------------------------------------------------------------------------------------------------------------
+def build_tools(args: AgentArgs) -> dict[str, tool_lib.Tool]:
+    """The agent's tools: `search` over the corpus (local BM25) or a Search-R1 retrieval server."""
+    backend = search_backend(args.retriever, args.corpus, args.cache_dir)
+    return {"search": tool_lib.search_tool(backend, topk=args.topk, passage_chars=args.passage_chars or None)}
+
+
+@functools.lru_cache(maxsize=4)
+def search_backend(retriever: str, corpus: str, cache_dir: str):
+    """A search backend, built once per process for given settings (indexing 10k documents takes ~1 s)."""
+    if retriever.startswith(("http://", "https://")):
+        return tool_lib.SearchR1Client(retriever)
+    if retriever == "bm25":
+        return tool_lib.BM25Search(data.load_corpus(corpus, cache_dir or None))
+    raise ValueError(f"--retriever {retriever!r}: use bm25 or the http(s) URL of a Search-R1 server")
+
+
+def rollout_config(args: AgentArgs, **settings) -> rollout.RolloutConfig:
+    return rollout.RolloutConfig(max_tool_calls=args.max_tool_calls, max_new_tokens=args.max_new_tokens,
+                                 max_total_tokens=args.max_total_tokens, few_shot=args.few_shot, **settings)
+
+
+def build_judge(args: AgentArgs, cache_path: str | None = None) -> prs.Judge | None:
+    """The long-form judge, or None when no judge model is configured."""
+    if not (args.judge_model or os.environ.get("JUDGE_MODEL")):
+        return None
+    return prs.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
+                     api_key=args.judge_api_key or None, cache_path=cache_path)
+
+
+def device_and_dtype(args: AgentArgs) -> tuple[torch.device, torch.dtype]:
+    """--device auto: CUDA when available; --dtype auto: bf16 on CUDA, fp32 on the CPU (CPUs without native bf16,
+    most of them, run bf16 matrix products far slower than fp32)."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring one evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, judge: prs.Judge | None = None):
+    """Roll out one trajectory per example and score it. Returns (metrics, records): metrics is a flat dict of
+    floats (means over questions), records one dict per question for the jsonl file."""
+    trajectories = rollout.rollout(model, tokenizer, examples, tools, config)
+    judged = _judge_scores(trajectories, judge)
+    records = [_record(t, tools, judged.get(i)) for i, t in enumerate(trajectories)]
+    metrics = {name: statistics.fmean(r[name] for r in records)
+               for name in ("em", "f1", "la_bleu", "answered", "format", "tool_calls", "evidence")}
+    calls = [c for t in trajectories for c in t.tool_calls]
+    metrics["valid_calls"] = sum(c.call.ok for c in calls) / len(calls) if calls else 0.0
+    stops = Counter(t.stop_reason for t in trajectories)
+    metrics |= {f"stop_{reason}": stops[reason] / len(trajectories) for reason in rollout.STOP_REASONS}
+    if judged:
+        scored = [r["judge_match"] for r in records if r.get("judge_match") is not None]
+        metrics["judge_accuracy"] = statistics.fmean(scored) if scored else float("nan")
+        metrics["judge_unscored"] = float(sum(r.get("judge_match") is None for r in records if r["reference"]))
+    metrics["questions"] = float(len(records))
+    return metrics, records
+
+
+def _judge_scores(trajectories, judge) -> dict[int, float | None]:
+    """Judge match (1/0, None = unscored) of the long-form trajectories, by index."""
+    long_form = [i for i, t in enumerate(trajectories) if t.example.reference]
+    if not long_form or judge is None:
+        return {}
+    results = prs.binary_longform_rewards([trajectories[i].text for i in long_form],
+                                          [trajectories[i].example.question for i in long_form],
+                                          [trajectories[i].example.reference for i in long_form], judge)
+    return {i: r.total for i, r in zip(long_form, results)}
+
+
+def _record(t: rollout.Trajectory, tools, judge_match) -> dict:
+    gold = list(t.example.answers)
+    return {
+        "id": t.example.id, "question": t.example.question, "gold": gold, "reference": t.example.reference,
+        "answer": t.answer, "em": prs.exact_match(t.answer, gold), "f1": prs.token_f1(t.answer, gold),
+        "la_bleu": prs.answer_score(t.answer, gold), "answered": float(t.answer is not None),
+        "format": prs.format_score(t.text), "evidence": prs.evidence_score(t.text, gold),
+        "tool_calls": float(len(t.tool_calls)), "judge_match": judge_match, "stop_reason": t.stop_reason,
+        "calls": [{"ok": c.call.ok, "error": c.call.error, "arguments": c.call.arguments} for c in t.tool_calls],
+        "response": t.text,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------------------
+COLUMNS = (("EM", "em"), ("F1", "f1"), ("LA-BLEU", "la_bleu"), ("answered", "answered"), ("format", "format"),
+           ("calls/q", "tool_calls"), ("valid calls", "valid_calls"), ("judge acc", "judge_accuracy"),
+           ("N", "questions"))
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Rows per task; with more than one task, a final row with the (unweighted) average over tasks."""
+    rows = dict(results)
+    if len(results) > 1:
+        rows["average"] = {key: statistics.fmean(m[key] for m in results.values() if key in m)
+                           for _, key in COLUMNS if any(key in m for m in results.values())}
+    columns = [(title, key) for title, key in COLUMNS if any(key in m for m in rows.values())]
+    width = max(len(name) for name in rows) + 2
+    lines = [f"{'task':<{width}}" + "".join(f"{title:>12}" for title, _ in columns)]
+    for name, metrics in rows.items():
+        cells = [_cell(metrics.get(key), key) for _, key in columns]
+        lines.append(f"{name:<{width}}" + "".join(f"{cell:>12}" for cell in cells))
+    return "\n".join(lines)
+
+
+def _cell(value, key) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if key == "questions" else f"{value:.3f}"
+
+
+def main(argv=None) -> None:
+    args = parse(EvalArgs, argv, __doc__)
+    seed_everything(args.seed)
+    device, dtype = device_and_dtype(args)
+    try:
+        tasks = {Path(task).stem if task.endswith(".jsonl") else task: data.load_task(task, args.split,
+                                                                                      args.cache_dir or None)
+                 for task in args.task}
+        model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
+        tools = build_tools(args)
+        judge = build_judge(args, cache_path=None)
+    except (data.DataError, models.ModelLoadError, assets.AssetError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = rollout_config(args, group_size=1, temperature=args.temperature, batch_size=args.batch_size)
+    results = {}
+    for name, examples in tasks.items():
+        examples = examples[:args.limit] if args.limit else examples
+        print(f"{name}: {len(examples)} questions ...", flush=True)
+        metrics, records = evaluate(model, tokenizer, examples, tools, config, judge)
+        if any(e.reference for e in examples) and judge is None:
+            print(f"{name}: long-form answers need a judge (--judge-model, --judge-base-url); judge accuracy "
+                  f"is not reported")
+        with open(output / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        results[name] = metrics
+    (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"trajectories and metrics.json written to {output}/")
+
+
+if __name__ == "__main__":
+    main()

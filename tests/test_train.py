@@ -1,0 +1,288 @@
+"""train.py and eval.py end to end on the tiny agent: what they write, exact resume, atomic checkpoints, clear
+errors. Runs go through `main(argv)` in-process (the same code path as the command line, without re-importing torch
+each time); the command-line tests run real subprocesses."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import models
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"step_seconds", "rollout_tokens_per_s"}  # the only metrics allowed to differ between identical runs
+
+
+def small(agent, output, *extra):
+    """Flags for a small, fast run of the tiny agent."""
+    return ["--model", str(agent), "--output-dir", str(output), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "40", "--max-total-tokens", "900", "--eval-size", "4", "--micro-batch-size", "4",
+            "--temperature", "1.0", "--lr", "1e-3", "--no-few-shot", "--passage-chars", "60", *extra]
+
+
+@pytest.fixture(scope="module")
+def vspo_run(tiny_agent, tmp_path_factory):
+    """One 2-step run of the default algorithm, shared by the tests that only read it or copy it."""
+    output = tmp_path_factory.mktemp("vspo-run")
+    train.main(small(tiny_agent, output, "--steps", "2"))
+    return output
+
+
+def copy_run(run, destination):
+    shutil.copytree(run, destination)
+    return destination
+
+
+def rows(output):
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_wrote_a_run(output, steps):
+    metrics = rows(output)
+    assert [row["step"] for row in metrics] == list(range(steps + 1))  # step 0 is the evaluation before training
+    assert "eval_em" in metrics[0] and "eval_em" in metrics[-1]
+    checkpoint = output / "checkpoints" / f"step-{steps:06d}"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
+        assert (checkpoint / name).exists(), name
+    assert (output / "checkpoints" / "latest").read_text() == checkpoint.name
+    assert (output / "training_curves.png").stat().st_size > 10_000
+    assert (output / "samples.jsonl").read_text().count("\n") >= steps
+    models.load_model(str(checkpoint))  # a plain save_pretrained folder
+    return metrics
+
+
+@pytest.mark.parametrize("algorithm", ["vspo", "grpo", "dapo", "cispo"])
+def test_each_algorithm_trains_and_writes_its_run(vspo_run, tiny_agent, tmp_path, algorithm):
+    if algorithm == "vspo":
+        output = vspo_run
+    else:
+        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--algorithm", algorithm))
+        output = tmp_path
+    metrics = assert_wrote_a_run(output, steps=2)
+    assert any(row["trained_on"] > 0 and row["skipped_updates"] == 0.0 for row in metrics[1:])
+    assert all(0 <= row["reward"] <= 1 and "stage_format" in row and "clip_fraction" in row for row in metrics[1:])
+    for row in metrics[1:]:
+        replaced = row["extra_rollouts_per_prompt"] > 0
+        assert replaced == (row["dead_fraction"] > 0 and algorithm in ("vspo", "dapo")), row
+
+
+def test_binary_reward_replaces_dead_groups_and_skips_an_empty_update(tiny_agent, tmp_path):
+    # The tiny agent almost never answers exactly: with EM every group is dead, VSPO rolls out replacements, and a
+    # step where they are dead too has nothing to learn from and says so.
+    train.main(small(tiny_agent, tmp_path, "--steps", "2", "--reward", "binary"))
+    metrics = assert_wrote_a_run(tmp_path, steps=2)
+    for row in metrics[1:]:
+        assert row["dead_fraction"] == 1.0 and row["extra_rollouts_per_prompt"] == 4  # one round: G per prompt
+        assert row["skipped_updates"] == 1.0 and row["trained_on"] == 0
+        assert "stage_exact_match" in row and "stage_format" not in row
+
+
+def test_resume_continues_exactly(tiny_agent, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train.main(small(tiny_agent, whole, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "3"))
+    train.main(["--resume", str(whole / "checkpoints" / "step-000001"), "--output-dir", str(split)])
+    uninterrupted, resumed = rows(whole), rows(split)
+    assert [row["step"] for row in resumed] == [2, 3]
+    for a, b in zip(uninterrupted[2:], resumed):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    weights = [(folder / "checkpoints" / "step-000003" / "model.safetensors").read_bytes() for folder in (whole, split)]
+    assert weights[0] == weights[1]
+
+
+def test_resume_from_an_output_folder_trains_further(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    train.main(["--resume", str(run), "--steps", "3"])
+    assert [row["step"] for row in rows(run)] == [0, 1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text() == "step-000003"
+    assert json.loads((run / "args.json").read_text())["steps"] == 3
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(vspo_run, tiny_agent, tmp_path,
+                                                                       monkeypatch):
+    run = copy_run(vspo_run, tmp_path / "run")
+    before = (run / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process died after the weights, before the rest
+
+    monkeypatch.setattr(type(models.load_tokenizer(str(tiny_agent))), "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--resume", str(run), "--steps", "3"])
+    monkeypatch.undo()
+    latest = train.find_checkpoint(str(run))
+    assert latest.name == "step-000002" and (latest / "model.safetensors").read_bytes() == before
+    assert not (run / "checkpoints" / "step-000003").exists()
+    models.load_model(str(latest))
+    train.main(["--resume", str(run), "--steps", "3"])  # and the run goes on from there
+    assert train.find_checkpoint(str(run)).name == "step-000003"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_latest_checkpoint(tiny_agent, tmp_path):
+    command = [sys.executable, "train.py", *small(tiny_agent, tmp_path, "--steps", "50", "--save-every", "1",
+                                                  "--eval-size", "0")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "checkpoints" / "step-000002").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    latest = train.find_checkpoint(str(tmp_path))
+    models.load_model(str(latest))
+    json.loads((latest / "trainer_state.json").read_text())
+    torch.load(latest / "optimizer.pt", weights_only=False)
+
+
+def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
+    train.main(small(tiny_agent, tmp_path, "--steps", "2", "--credit", "istar", "--istar-lr", "1e-3"))
+    metrics = assert_wrote_a_run(tmp_path, steps=2)
+    trained = [row for row in metrics[1:] if "istar_dpo_loss" in row]
+    assert trained and all("kl_ref" not in row for row in trained)  # iStar runs without a reference model
+    prm = tmp_path / "checkpoints" / "step-000002" / "prm"
+    assert (prm / "model.safetensors").exists()
+    train.main(["--resume", str(tmp_path), "--steps", "3"])  # the PRM and its optimizer come back
+    assert rows(tmp_path)[-1]["step"] == 3
+
+
+def test_plot_only_redraws_the_curves(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    (run / "training_curves.png").unlink()
+    train.main(["--plot-only", str(run)])
+    assert (run / "training_curves.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Long-form: the judge behind a loopback chat-completions server (the one network boundary)
+# ----------------------------------------------------------------------------------------------------------------------
+class JudgeHandler(BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):
+        JudgeHandler.calls += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        verdict = "no verdict here" if JudgeHandler.calls % 4 == 0 else json.dumps({"score": JudgeHandler.calls % 11})
+        body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "judge", "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_long_form_training_with_a_judge_counts_unscored_samples(tiny_agent, tmp_path, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    try:
+        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--task", "wiki-long", "--judge-model", "judge",
+                         "--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    metrics = rows(tmp_path)
+    assert JudgeHandler.calls > 0 and "eval_judge_accuracy" in metrics[0]
+    assert all("unscored" in row for row in metrics[1:])
+
+
+def test_long_form_without_a_judge_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("JUDGE_MODEL", raising=False)
+    with pytest.raises(SystemExit, match="long-form: its rewards need a judge"):
+        train.main(["--model", models.TINY, "--task", "wiki-long", "--output-dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval.py
+# ----------------------------------------------------------------------------------------------------------------------
+def test_eval_prints_and_writes_its_table(tiny_agent, tmp_path, capsys):
+    evaluation.main(["--model", str(tiny_agent), "--task", "wiki", "fanoutqa", "--limit", "3", "--output",
+                     str(tmp_path), "--max-new-tokens", "40", "--no-few-shot", "--passage-chars", "60"])
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("task"))
+    assert "EM" in header and "F1" in header and "LA-BLEU" in header and "calls/q" in header
+    assert any(line.startswith("wiki ") for line in table.splitlines())
+    assert any(line.startswith("fanoutqa") for line in table.splitlines())
+    assert any(line.startswith("average") for line in table.splitlines())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["wiki"]["questions"] == 3 and set(metrics) == {"wiki", "fanoutqa"}
+    records = [json.loads(line) for line in (tmp_path / "wiki.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {"question", "gold", "answer", "em", "f1", "stop_reason", "response"} <= set(records[0])
+
+
+def test_eval_on_search_r1_files_reports_each_dataset_and_the_average(tiny_agent, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"Doc {i}"\nText about topic {i}.'}) + "\n"
+                              for i in range(20)))
+    for name in ("nq", "hotpotqa"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is topic {i}?", "golden_answers": [f"Doc {i}"]}) + "\n" for i in range(3)))
+    evaluation.main(["--model", str(tiny_agent), "--task", str(tmp_path / "nq.jsonl"), str(tmp_path / "hotpotqa.jsonl"),
+                     "--corpus", str(corpus), "--output", str(tmp_path / "out"), "--max-new-tokens", "24",
+                     "--no-few-shot"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.split() and line.split()[0] in ("nq", "hotpotqa", "average")] \
+        == ["nq", "hotpotqa", "average"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: --help, bad flags, missing files
+# ----------------------------------------------------------------------------------------------------------------------
+def run_cli(*arguments):
+    return subprocess.run([sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_help_explains_every_flag():
+    result = run_cli("train.py", "--help")
+    assert result.returncode == 0
+    for field in train.fields(train.Args):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in result.stdout, flag
+    assert "(default: 5)" in result.stdout  # the group size, with its default
+
+
+def test_a_bad_flag_on_the_command_line_is_named():
+    result = run_cli("train.py", "--algorithm", "ppo")
+    assert result.returncode == 2 and "argument --algorithm: invalid choice: 'ppo'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("main, arguments, message", [
+    (train.main, ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (train.main, ["--task", "missing.jsonl"], "error: missing.jsonl: no such file"),
+    (train.main, ["--model", "./no-such-model"], "error: --model './no-such-model': no such folder"),
+    (train.main, ["--resume", "/no/such/run"], "error: --resume /no/such/run: no checkpoint there"),
+    (train.main, ["--retriever", "elastic"], "error: --retriever 'elastic': use bm25 or the http(s) URL"),
+    (evaluation.main, ["--split", "dev"], "argument --split: invalid choice: 'dev'"),
+    (evaluation.main, ["--model", "Qwen2.5-0.5B"], "could not load 'Qwen/Qwen2.5-0.5B-Instruct' from the Hugging"),
+])
+def test_bad_input_is_named(main, arguments, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an unreachable hub, at once
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as stop:
+        main([*arguments, "--output" if main is evaluation.main else "--output-dir", str(tmp_path)])
+    said = str(stop.value.code) + capsys.readouterr().err
+    assert stop.value.code != 0 and message in said
+
+
+def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "ok?", "golden_answers": ["a"]}) + "\n" + json.dumps({"question": "q"}))
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main(["--task", str(bad), "--model", models.TINY, "--output", str(tmp_path)])
+    assert f"{bad}:2: missing field 'golden_answers'" in str(stop.value.code)
