@@ -5,7 +5,8 @@
         lr: float = arg(1e-5, "learning rate of AdamW")
 
 becomes `--lr 1e-5` with that help text and its default in `--help`. Booleans become `--flag / --no-flag`;
-`choices` restricts a value. Errors name the flag and the bad value (argparse's own messages).
+`choices` restricts a value. Errors name the flag and the bad value (argparse's own messages), and `require` checks
+the values argparse cannot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+
+
+class UsageError(Exception):
+    """A setting or an input the user can fix; the message names it. Entry points print it without a traceback."""
 
 
 def arg(default, help: str, choices=None):
@@ -25,7 +30,8 @@ def arg(default, help: str, choices=None):
 
 def parse(cls, argv=None, description: str | None = None):
     """An instance of the dataclass `cls` from command-line arguments."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --step must not silently mean --steps
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
@@ -44,3 +50,9 @@ def parse(cls, argv=None, description: str | None = None):
         metavar = None if choices else {str: "TEXT"}.get(kind, kind.__name__.upper())
         parser.add_argument(flag, type=kind, choices=choices, metavar=metavar, **options)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def require(condition: bool, flag: str, value, rule: str) -> None:
+    """Raise a UsageError naming the flag and its value unless `condition` holds."""
+    if not condition:
+        raise UsageError(f"--{flag.replace('_', '-')} {value!r}: {rule}")

@@ -230,8 +230,9 @@ def _field(row: dict, name: str, path, number: int, kind):
 
 
 def read_questions_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Search-R1 question rows: `question` (string) and `golden_answers` (non-empty list of strings or numbers)."""
-    examples = []
+    """Search-R1 question rows: `question` (string) and `golden_answers` (non-empty list of strings or numbers).
+    Ids must be unique within the file (training keeps per-question state under them)."""
+    examples, lines = [], {}
     for number, row in _jsonl_rows(path):
         question = _field(row, "question", path, number, str).strip()
         answers = _field(row, "golden_answers", path, number, list)
@@ -240,6 +241,9 @@ def read_questions_jsonl(path: str | os.PathLike) -> list[Example]:
         if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
             raise DataError(f"{path}:{number}: field 'golden_answers' must be a non-empty list of strings")
         example_id = str(row.get("id", f"{Path(path).stem}:{number}"))
+        if example_id in lines:
+            raise DataError(f"{path}:{number}: id {example_id!r} was already used on line {lines[example_id]}")
+        lines[example_id] = number
         examples.append(Example(id=example_id, question=question, answers=tuple(str(a) for a in answers),
                                 source=Path(path).stem))
     if not examples:

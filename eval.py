@@ -35,7 +35,7 @@ import models
 import prs
 import rollout
 import tools as tool_lib
-from cli import arg, parse
+from cli import UsageError, arg, parse, require
 
 
 @dataclass
@@ -88,9 +88,8 @@ def search_backend(retriever: str, corpus: str, cache_dir: str):
     """A search backend, built once per process for given settings (indexing 10k documents takes ~1 s)."""
     if retriever.startswith(("http://", "https://")):
         return tool_lib.SearchR1Client(retriever)
-    if retriever == "bm25":
-        return tool_lib.BM25Search(data.load_corpus(corpus, cache_dir or None))
-    raise ValueError(f"--retriever {retriever!r}: use bm25 or the http(s) URL of a Search-R1 server")
+    require(retriever == "bm25", "retriever", retriever, "use bm25 or the http(s) URL of a Search-R1 server")
+    return tool_lib.BM25Search(data.load_corpus(corpus, cache_dir or None))
 
 
 def rollout_config(args: AgentArgs, **settings) -> rollout.RolloutConfig:
@@ -102,15 +101,32 @@ def build_judge(args: AgentArgs, cache_path: str | None = None) -> prs.Judge | N
     """The long-form judge, or None when no judge model is configured."""
     if not (args.judge_model or os.environ.get("JUDGE_MODEL")):
         return None
-    return prs.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
-                     api_key=args.judge_api_key or None, cache_path=cache_path)
+    try:
+        return prs.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
+                         api_key=args.judge_api_key or None, cache_path=cache_path)
+    except ValueError as error:  # no API key
+        raise UsageError(str(error)) from None
+
+
+def check_agent_args(args: AgentArgs) -> None:
+    """The agent settings argparse cannot check."""
+    for name in ("topk", "max_tool_calls", "max_new_tokens", "max_total_tokens"):
+        require(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
+    require(args.passage_chars >= 0, "passage_chars", args.passage_chars, "must be 0 (whole passages) or more")
 
 
 def device_and_dtype(args: AgentArgs) -> tuple[torch.device, torch.dtype]:
     """--device auto: CUDA when available; --dtype auto: bf16 on CUDA, fp32 on the CPU (CPUs without native bf16,
     most of them, run bf16 matrix products far slower than fp32)."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N") from None
+        require(device.type != "cuda" or torch.cuda.is_available(), "device", args.device,
+                "no CUDA device is available here; use --device cpu")
     if args.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -130,19 +146,24 @@ def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, j
     floats (means over questions), records one dict per question for the jsonl file."""
     trajectories = rollout.rollout(model, tokenizer, examples, tools, config)
     judged = _judge_scores(trajectories, judge)
-    records = [_record(t, tools, judged.get(i)) for i, t in enumerate(trajectories)]
-    metrics = {name: statistics.fmean(r[name] for r in records)
+    records = [_record(t, judged.get(i)) for i, t in enumerate(trajectories)]
+    metrics = {name: _mean(r[name] for r in records)
                for name in ("em", "f1", "la_bleu", "answered", "format", "tool_calls", "evidence")}
     calls = [c for t in trajectories for c in t.tool_calls]
-    metrics["valid_calls"] = sum(c.call.ok for c in calls) / len(calls) if calls else 0.0
+    metrics["valid_calls"] = _mean(c.call.ok for c in calls)  # None without a single call
     stops = Counter(t.stop_reason for t in trajectories)
     metrics |= {f"stop_{reason}": stops[reason] / len(trajectories) for reason in rollout.STOP_REASONS}
-    if judged:
-        scored = [r["judge_match"] for r in records if r.get("judge_match") is not None]
-        metrics["judge_accuracy"] = statistics.fmean(scored) if scored else float("nan")
-        metrics["judge_unscored"] = float(sum(r.get("judge_match") is None for r in records if r["reference"]))
+    if any(r["reference"] for r in records):  # long-form: the judge's accuracy over the answers it could score
+        metrics["judge_accuracy"] = _mean(r["judge_match"] for r in records)
+        metrics["judge_unscored"] = float(sum(i in judged and judged[i] is None for i in range(len(records))))
     metrics["questions"] = float(len(records))
     return metrics, records
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    values = [float(v) for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def _judge_scores(trajectories, judge) -> dict[int, float | None]:
@@ -156,12 +177,14 @@ def _judge_scores(trajectories, judge) -> dict[int, float | None]:
     return {i: r.total for i, r in zip(long_form, results)}
 
 
-def _record(t: rollout.Trajectory, tools, judge_match) -> dict:
+def _record(t: rollout.Trajectory, judge_match) -> dict:
     gold = list(t.example.answers)
+    short_form = not t.example.reference  # long-form answers are judged, not matched against the title
     return {
         "id": t.example.id, "question": t.example.question, "gold": gold, "reference": t.example.reference,
-        "answer": t.answer, "em": prs.exact_match(t.answer, gold), "f1": prs.token_f1(t.answer, gold),
-        "la_bleu": prs.answer_score(t.answer, gold), "answered": float(t.answer is not None),
+        "answer": t.answer, "em": prs.exact_match(t.answer, gold) if short_form else None,
+        "f1": prs.token_f1(t.answer, gold) if short_form else None,
+        "la_bleu": prs.answer_score(t.answer, gold) if short_form else None, "answered": float(t.answer is not None),
         "format": prs.format_score(t.text), "evidence": prs.evidence_score(t.text, gold),
         "tool_calls": float(len(t.tool_calls)), "judge_match": judge_match, "stop_reason": t.stop_reason,
         "calls": [{"ok": c.call.ok, "error": c.call.error, "arguments": c.call.arguments} for c in t.tool_calls],
@@ -174,16 +197,18 @@ def _record(t: rollout.Trajectory, tools, judge_match) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 COLUMNS = (("EM", "em"), ("F1", "f1"), ("LA-BLEU", "la_bleu"), ("answered", "answered"), ("format", "format"),
            ("calls/q", "tool_calls"), ("valid calls", "valid_calls"), ("judge acc", "judge_accuracy"),
-           ("N", "questions"))
+           ("unscored", "judge_unscored"), ("N", "questions"))
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Rows per task; with more than one task, a final row with the (unweighted) average over tasks."""
+    """Rows per task; with more than one task, a final row with the unweighted average over the tasks that have the
+    metric (as the papers average EM over datasets) and the total number of questions."""
     rows = dict(results)
     if len(results) > 1:
-        rows["average"] = {key: statistics.fmean(m[key] for m in results.values() if key in m)
-                           for _, key in COLUMNS if any(key in m for m in results.values())}
-    columns = [(title, key) for title, key in COLUMNS if any(key in m for m in rows.values())]
+        rows["average"] = {key: _mean(m.get(key) for m in results.values()) for _, key in COLUMNS}
+        rows["average"]["questions"] = sum(m["questions"] for m in results.values())
+        rows["average"]["judge_unscored"] = None
+    columns = [(title, key) for title, key in COLUMNS if any(m.get(key) is not None for m in rows.values())]
     width = max(len(name) for name in rows) + 2
     lines = [f"{'task':<{width}}" + "".join(f"{title:>12}" for title, _ in columns)]
     for name, metrics in rows.items():
@@ -195,21 +220,35 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 def _cell(value, key) -> str:
     if value is None:
         return "-"
-    return f"{value:.0f}" if key == "questions" else f"{value:.3f}"
+    return f"{value:.0f}" if key in ("questions", "judge_unscored") else f"{value:.3f}"
+
+
+def task_names(tasks: list[str]) -> list[str]:
+    """A short name per task: the built-in name or the file name; `folder/file` where file names repeat (FlashRAG
+    keeps nq/test.jsonl next to hotpotqa/test.jsonl)."""
+    stems = [Path(task).stem if task.endswith(".jsonl") else task for task in tasks]
+    return [f"{Path(task).parent.name}/{stem}" if stems.count(stem) > 1 else stem for task, stem in zip(tasks, stems)]
+
+
+USER_ERRORS = (UsageError, data.DataError, models.ModelLoadError, assets.AssetError)
 
 
 def main(argv=None) -> None:
     args = parse(EvalArgs, argv, __doc__)
     seed_everything(args.seed)
-    device, dtype = device_and_dtype(args)
     try:
-        tasks = {Path(task).stem if task.endswith(".jsonl") else task: data.load_task(task, args.split,
-                                                                                      args.cache_dir or None)
-                 for task in args.task}
+        check_agent_args(args)
+        require(args.limit >= 0, "limit", args.limit, "must be 0 (all questions) or more")
+        require(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
+        require(args.temperature >= 0, "temperature", args.temperature, "must be 0 (greedy) or more")
+        device, dtype = device_and_dtype(args)
+        names = task_names(args.task)
+        require(len(set(names)) == len(names), "task", args.task, "names a task twice")
+        tasks = {name: data.load_task(task, args.split, args.cache_dir or None) for name, task in zip(names, args.task)}
         model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
         tools = build_tools(args)
         judge = build_judge(args, cache_path=None)
-    except (data.DataError, models.ModelLoadError, assets.AssetError, ValueError) as error:
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -222,7 +261,7 @@ def main(argv=None) -> None:
         if any(e.reference for e in examples) and judge is None:
             print(f"{name}: long-form answers need a judge (--judge-model, --judge-base-url); judge accuracy "
                   f"is not reported")
-        with open(output / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+        with open(output / f"{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         results[name] = metrics
     (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -390,8 +390,9 @@ class TokenBatch:
         tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prefix_length"}
         return dataclasses.replace(self, **{name: tensor.to(device) for name, tensor in tensors.items()})
 
-    def __getitem__(self, rows: slice) -> "TokenBatch":
-        """Rows `rows`, without the columns none of them uses (so short rows do not pay for long ones)."""
+    def __getitem__(self, rows: slice | list[int]) -> "TokenBatch":
+        """Rows `rows` (a slice or a list of indices), without the columns none of them uses (so short rows do not pay
+        for long ones)."""
         own = int(self.attention_mask[rows, self.prefix_length:].sum(dim=1).max())  # the longest own part
         response = max(1, int(self.response_mask[rows].sum(dim=1).max()))  # the longest response
         width = self.input_ids.shape[1]

@@ -122,6 +122,13 @@ def test_bad_corpus_rows_name_file_line_and_field(tmp_path, line, message):
         data.read_corpus_jsonl(path)
 
 
+def test_duplicate_ids_are_refused(tmp_path):
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps({"id": "train_0", "question": f"q{i}?", "golden_answers": ["a"]})
+                                              for i in range(2)])
+    with pytest.raises(data.DataError, match=r"q.jsonl:2: id 'train_0' was already used on line 1"):
+        data.read_questions_jsonl(path)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(data.DataError, match="no such file"):
         data.load_task(str(tmp_path / "absent.jsonl"))

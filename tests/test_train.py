@@ -87,16 +87,32 @@ def test_binary_reward_replaces_dead_groups_and_skips_an_empty_update(tiny_agent
         assert "stage_exact_match" in row and "stage_format" not in row
 
 
+def assert_same_steps(a_rows, b_rows, steps, ignore=()):
+    a = {row["step"]: {k: v for k, v in row.items() if k not in TIMING and k not in ignore} for row in a_rows}
+    b = {row["step"]: {k: v for k, v in row.items() if k not in TIMING and k not in ignore} for row in b_rows}
+    for step in steps:
+        assert a[step] == b[step], step
+
+
 def test_resume_continues_exactly(tiny_agent, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole, split, extended = tmp_path / "whole", tmp_path / "split", tmp_path / "extended"
     train.main(small(tiny_agent, whole, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "3"))
+    # an interrupted run: resume from its step-1 checkpoint (into another folder, to compare)
     train.main(["--resume", str(whole / "checkpoints" / "step-000001"), "--output-dir", str(split)])
-    uninterrupted, resumed = rows(whole), rows(split)
-    assert [row["step"] for row in resumed] == [2, 3]
-    for a, b in zip(uninterrupted[2:], resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
-    weights = [(folder / "checkpoints" / "step-000003" / "model.safetensors").read_bytes() for folder in (whole, split)]
-    assert weights[0] == weights[1]
+    assert [row["step"] for row in rows(split)] == [2, 3]
+    assert_same_steps(rows(whole), rows(split), [2, 3])
+    # N steps, then M more: the same as N + M uninterrupted when the PRS schedule was planned for N + M
+    train.main(small(tiny_agent, extended, "--steps", "1", "--schedule-steps", "3"))
+    train.main(["--resume", str(extended), "--steps", "3"])
+    assert [row["step"] for row in rows(extended)] == [0, 1, 2, 3]
+    assert_same_steps(rows(whole), rows(extended), [2, 3])
+    evaluation_at_the_first_end = {k for k in rows(extended)[1] if k.startswith("eval_")}
+    assert_same_steps(rows(whole), rows(extended), [1], ignore=evaluation_at_the_first_end)
+    weights = [(folder / "checkpoints" / "step-000003" / "model.safetensors").read_bytes()
+               for folder in (whole, split, extended)]
+    assert weights[0] == weights[1] == weights[2]
+    assert sorted(p.name for p in (whole / "checkpoints").glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
 
 def test_resume_from_an_output_folder_trains_further(vspo_run, tmp_path):
@@ -151,6 +167,8 @@ def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
     metrics = assert_wrote_a_run(tmp_path, steps=2)
     trained = [row for row in metrics[1:] if "istar_dpo_loss" in row]
     assert trained and all("kl_ref" not in row for row in trained)  # iStar runs without a reference model
+    for row in metrics[1:]:  # dead groups stay in the batch: their steps still get step advantages
+        assert row["trained_on"] == (2 + row["extra_rollouts_per_prompt"]) * 4 - row["unscored"]
     prm = tmp_path / "checkpoints" / "step-000002" / "prm"
     assert (prm / "model.safetensors").exists()
     train.main(["--resume", str(tmp_path), "--steps", "3"])  # the PRM and its optimizer come back
@@ -191,19 +209,24 @@ def test_long_form_training_with_a_judge_counts_unscored_samples(tiny_agent, tmp
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     try:
-        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--task", "wiki-long", "--judge-model", "judge",
-                         "--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1"))
+        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--task", "wiki-long", "--reward", "binary",
+                         "--judge-model", "judge",
+                         "--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
+                         "--judge-api-key", "sk-secret-key"))
     finally:
         server.shutdown()
         server.server_close()
     metrics = rows(tmp_path)
     assert JudgeHandler.calls > 0 and "eval_judge_accuracy" in metrics[0]
     assert all("unscored" in row for row in metrics[1:])
+    assert sum(row["unscored"] for row in metrics[1:]) > 0  # every 4th verdict is garbage: counted, not scored 0
+    for written in [tmp_path / "args.json", *tmp_path.rglob("trainer_state.json"), *tmp_path.rglob("*.jsonl")]:
+        assert "sk-secret-key" not in written.read_text(), written
 
 
 def test_long_form_without_a_judge_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("JUDGE_MODEL", raising=False)
-    with pytest.raises(SystemExit, match="long-form: its rewards need a judge"):
+    with pytest.raises(SystemExit, match="--task wiki-long: long-form, its rewards need a judge"):
         train.main(["--model", models.TINY, "--task", "wiki-long", "--output-dir", str(tmp_path)])
 
 
@@ -268,6 +291,12 @@ def test_a_bad_flag_on_the_command_line_is_named():
     (train.main, ["--model", "./no-such-model"], "error: --model './no-such-model': no such folder"),
     (train.main, ["--resume", "/no/such/run"], "error: --resume /no/such/run: no checkpoint there"),
     (train.main, ["--retriever", "elastic"], "error: --retriever 'elastic': use bm25 or the http(s) URL"),
+    (train.main, ["--step", "3"], "unrecognized arguments: --step 3"),
+    (train.main, ["--group-size", "1"], "error: --group-size 1: GRPO compares the trajectories of one prompt"),
+    (train.main, ["--mini-batches", "0"], "error: --mini-batches 0: must be at least 1"),
+    (train.main, ["--temperature", "0"], "error: --temperature 0.0: training samples"),
+    (train.main, ["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda or cuda:N"),
+    (train.main, ["--plot-only", "/no/such/run"], "error: --plot-only /no/such/run: no metrics.jsonl there"),
     (evaluation.main, ["--split", "dev"], "argument --split: invalid choice: 'dev'"),
     (evaluation.main, ["--model", "Qwen2.5-0.5B"], "could not load 'Qwen/Qwen2.5-0.5B-Instruct' from the Hugging"),
 ])
@@ -278,6 +307,15 @@ def test_bad_input_is_named(main, arguments, message, tmp_path, capsys, monkeypa
         main([*arguments, "--output" if main is evaluation.main else "--output-dir", str(tmp_path)])
     said = str(stop.value.code) + capsys.readouterr().err
     assert stop.value.code != 0 and message in said
+
+
+def test_an_earlier_run_is_never_overwritten_and_a_finished_one_says_so(vspo_run, tiny_agent):
+    before = (vspo_run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=f"--output-dir {vspo_run} holds an earlier run: continue it with --resume"):
+        train.main(small(tiny_agent, vspo_run, "--steps", "2"))
+    with pytest.raises(SystemExit, match="the checkpoint is already at step 2: pass --steps above it"):
+        train.main(["--resume", str(vspo_run)])
+    assert (vspo_run / "metrics.jsonl").read_text() == before
 
 
 def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
