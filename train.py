@@ -101,7 +101,8 @@ class Args(evaluation.AgentArgs):
     resample_rounds: int = arg(1, "rounds of replacement rollouts for dead groups per step")
     value_ema: float = arg(0.5, "weight of the newest task value in the buffer's moving average")
     success_threshold: float = arg(0.5, "iStar: a trajectory whose reward is above this is a success")
-    istar_lr: float = arg(1e-6, "iStar: learning rate of the implicit PRM (the paper: 1e-6)")
+    istar_lr: float = arg(1e-6, "iStar: learning rate of the implicit PRM (the paper: 1e-6, the same as its "
+                                "policy's; README compares both choices)")
     istar_beta: float = arg(0.05, "iStar: beta of the step rewards and the DPO loss (the paper: 0.05)")
     istar_alpha: float = arg(1.0, "iStar: weight of the step advantages (the paper: 1)")
     gradient_checkpointing: str = arg("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))
