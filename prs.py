@@ -62,8 +62,8 @@ from typing import Mapping, Sequence
 from sacrebleu.metrics import BLEU
 
 from tools import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN,
-                   TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, Tool, calculator_tool, find_tool_calls,
-                   format_tool_response, parse_tool_call, search_tool)
+                   TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, Tool, calculator_tool, find_blocks,
+                   find_tool_calls, format_tool_response, parse_tool_call, search_tool)
 
 log = logging.getLogger(__name__)
 
@@ -301,17 +301,6 @@ def tool_call_score(response: str, tools: Mapping[str, Tool], *, require_tool: b
     return sum(call.ok for call in calls) / len(calls)
 
 
-def _tool_responses(response: str) -> list[str]:
-    bodies, position = [], 0
-    while (open_at := response.find(TOOL_RESPONSE_OPEN, position)) != -1:
-        close_at = response.find(TOOL_RESPONSE_CLOSE, open_at + len(TOOL_RESPONSE_OPEN))
-        if close_at == -1:
-            break
-        bodies.append(response[open_at + len(TOOL_RESPONSE_OPEN):close_at])
-        position = close_at + len(TOOL_RESPONSE_CLOSE)
-    return bodies
-
-
 def _contains_words(haystack: str, needle: str) -> bool:
     """Whole-word containment after normalization; an empty needle is never contained."""
     needle = normalize_answer(needle)
@@ -328,7 +317,8 @@ def evidence_score(response: str, answers) -> float:
     0.0
     """
     golds = _aliases(answers)
-    return float(any(_contains_words(body, gold) for body in _tool_responses(response) for gold in golds))
+    tool_responses = find_blocks(response, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
+    return float(any(_contains_words(body, gold) for body in tool_responses for gold in golds))
 
 
 def answer_score(answer: str | None, answers, **bleu_options) -> float:

@@ -78,20 +78,29 @@ class ToolCall:
         return self.error is None
 
 
+def find_blocks(text: str, open_tag: str, close_tag: str) -> list[str]:
+    """The bodies of all complete `open_tag…close_tag` blocks in `text`, in order; an unclosed one is left out.
+
+    >>> find_blocks("<b>1</b> <b>2</b> <b>3", "<b>", "</b>")
+    ['1', '2']
+    """
+    bodies, start = [], 0
+    while (open_at := text.find(open_tag, start)) != -1:
+        close_at = text.find(close_tag, open_at + len(open_tag))
+        if close_at == -1:
+            break
+        bodies.append(text[open_at + len(open_tag):close_at])
+        start = close_at + len(close_tag)
+    return bodies
+
+
 def find_tool_calls(text: str) -> list[str]:
     """The bodies of all complete `<tool_call>…</tool_call>` blocks in `text`, in order.
 
     >>> find_tool_calls('<tool_call>{"name": "search"}</tool_call> and <tool_call>x</tool_call>')
     ['{"name": "search"}', 'x']
     """
-    bodies, start = [], 0
-    while (open_at := text.find(TOOL_CALL_OPEN, start)) != -1:
-        close_at = text.find(TOOL_CALL_CLOSE, open_at + len(TOOL_CALL_OPEN))
-        if close_at == -1:
-            break
-        bodies.append(text[open_at + len(TOOL_CALL_OPEN):close_at])
-        start = close_at + len(TOOL_CALL_CLOSE)
-    return bodies
+    return find_blocks(text, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
 
 def parse_tool_call(body: str, tools: Mapping[str, Tool]) -> ToolCall:

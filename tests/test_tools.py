@@ -1,6 +1,7 @@
 """tools.py: the tool-call contract (parse -> validated call or precise error; execute never raises), the calculator's
 safety, BM25 over the real corpus, and the Search-R1 client against a loopback server that speaks its API."""
 
+import doctest
 import json
 import threading
 import time
@@ -20,6 +21,11 @@ def fixed_backend(query, k):
 
 
 TOOLS = {"search": search_tool(fixed_backend), "calculator": calculator_tool()}
+
+
+def test_docstring_examples_are_true():
+    result = doctest.testmod(tools)
+    assert result.attempted >= 8 and result.failed == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
