@@ -30,11 +30,12 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import assets
-from prs import normalize_answer
+from prs import contains_words, normalize_answer
 
 TASKS = ("wiki", "fanoutqa", "wiki-long")
 SPLITS = ("train", "test")
@@ -47,11 +48,6 @@ class Document:
     id: str
     title: str
     text: str
-
-    @property
-    def contents(self) -> str:
-        """The passage as the search tool shows it: title on the first line, then the text."""
-        return f"{self.title}\n{self.text}"
 
 
 @dataclass(frozen=True)
@@ -105,12 +101,6 @@ def _split_of(title: str) -> str:
     return "test" if hashlib.sha1(title.encode("utf-8")).digest()[0] < 26 else "train"
 
 
-def _contains(haystack: str, needle: str) -> bool:
-    """Whole-word containment after SQuAD normalization."""
-    needle = normalize_answer(needle)
-    return bool(needle) and f" {needle} " in f" {normalize_answer(haystack)} "
-
-
 def _aliases(title: str) -> tuple[str, ...]:
     """A title and, for disambiguated titles like "Queen (band)", the bare name."""
     bare = re.sub(r"\s*\([^)]*\)$", "", title)
@@ -120,9 +110,7 @@ def _aliases(title: str) -> tuple[str, ...]:
 def wiki_questions(split: str, cache=None) -> list[Example]:
     """Short-form clue questions generated from the corpus (module docstring)."""
     records = _wiki_records(cache)
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.get("description", "")] = counts.get(r.get("description", ""), 0) + 1
+    counts = Counter(r.get("description", "").strip() for r in records)
     examples = []
     for r in records:
         title, description = r["title"], r.get("description", "").strip()
@@ -131,7 +119,7 @@ def wiki_questions(split: str, cache=None) -> list[Example]:
             len(description.split()) >= 2
             and counts[description] == 1
             and not any(normalize_answer(alias) in normalize_answer(description) for alias in aliases)
-            and _contains(r["extract"], aliases[-1])
+            and contains_words(r["extract"], aliases[-1])
         )
         if usable and _split_of(title) == split:
             question = f'Which Wikipedia article has the short description "{description}"?'
@@ -165,7 +153,7 @@ def fanoutqa_questions(cache=None) -> list[Example]:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or title not in summaries:
             continue
         key = (leaf["question"], str(answer))
-        if key not in seen and _contains(summaries[title], str(answer)):
+        if key not in seen and contains_words(summaries[title], str(answer)):
             seen.add(key)
             examples.append(Example(id=f"fanoutqa:{leaf['id']}", question=leaf["question"], answers=(str(answer),),
                                     source="fanoutqa", meta={"evidence": title}))

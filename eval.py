@@ -147,20 +147,20 @@ def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, j
     trajectories = rollout.rollout(model, tokenizer, examples, tools, config)
     judged = _judge_scores(trajectories, judge)
     records = [_record(t, judged.get(i)) for i, t in enumerate(trajectories)]
-    metrics = {name: _mean(r[name] for r in records)
+    metrics = {name: mean_of(r[name] for r in records)
                for name in ("em", "f1", "la_bleu", "answered", "format", "tool_calls", "evidence")}
     calls = [c for t in trajectories for c in t.tool_calls]
-    metrics["valid_calls"] = _mean(c.call.ok for c in calls)  # None without a single call
+    metrics["valid_calls"] = mean_of(c.call.ok for c in calls)  # None without a single call
     stops = Counter(t.stop_reason for t in trajectories)
     metrics |= {f"stop_{reason}": stops[reason] / len(trajectories) for reason in rollout.STOP_REASONS}
     if any(r["reference"] for r in records):  # long-form: the judge's accuracy over the answers it could score
-        metrics["judge_accuracy"] = _mean(r["judge_match"] for r in records)
+        metrics["judge_accuracy"] = mean_of(r["judge_match"] for r in records)
         metrics["judge_unscored"] = float(sum(i in judged and judged[i] is None for i in range(len(records))))
     metrics["questions"] = float(len(records))
     return metrics, records
 
 
-def _mean(values) -> float | None:
+def mean_of(values) -> float | None:
     """Mean of the values that are not None; None when there are none."""
     values = [float(v) for v in values if v is not None]
     return statistics.fmean(values) if values else None
@@ -205,7 +205,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     metric (as the papers average EM over datasets) and the total number of questions."""
     rows = dict(results)
     if len(results) > 1:
-        rows["average"] = {key: _mean(m.get(key) for m in results.values()) for _, key in COLUMNS}
+        rows["average"] = {key: mean_of(m.get(key) for m in results.values()) for _, key in COLUMNS}
         rows["average"]["questions"] = sum(m["questions"] for m in results.values())
         rows["average"]["judge_unscored"] = None
     columns = [(title, key) for title, key in COLUMNS if any(m.get(key) is not None for m in rows.values())]

@@ -232,7 +232,7 @@ class ImplicitPRM:
     parameters), or from a saved PRM folder with `ImplicitPRM(AutoModelForCausalLM.from_pretrained(folder))`. Then,
     every iteration, after the rollout and its outcome rewards and before the policy update:
 
-        old_logprobs = recompute_logprobs(policy, batch, micro_batch_size)           # π_θold, [N, R]
+        old_logprobs = recompute_logprobs(policy, batch, micro_batch_size, prm.temperature)  # π_θold, [N, R]
         step_ids = step_index([t.steps for t in trajectories], batch.response_ids.shape[1])
         rewards, step_mask, diagnostics = prm.score_and_update(batch, old_logprobs, outcome_rewards, group_ids,
                                                                step_ids, micro_batch_size=micro_batch_size)
@@ -281,8 +281,9 @@ class ImplicitPRM:
         """Step rewards from the current PRM (Eq. 1), then one DPO step of the PRM on this batch (Eq. 2).
 
         batch: the iteration's N trajectories (rollout.collate); old_logprobs: [N, R] under π_θold, computed with
-        recompute_logprobs(policy, batch, micro_batch_size) with the same micro-batch size, so that at the first
-        iteration (φ = θ_old) every step reward is exactly 0 and not float noise that Eq. 4 would blow up to ±1;
+        recompute_logprobs(policy, batch, micro_batch_size, self.temperature), the same micro-batch size and
+        temperature, so that at the first iteration (φ = θ_old) every step reward is exactly 0 and not float noise
+        that Eq. 4 would blow up to ±1;
         outcome_rewards, group_ids: [N]; step_ids: [N, R] from step_index. share_prefix: encode the batch's shared
         prompt prefix once (rollout.response_logprobs, which turns it off itself under gradient checkpointing).
 

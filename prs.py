@@ -301,8 +301,12 @@ def tool_call_score(response: str, tools: Mapping[str, Tool], *, require_tool: b
     return sum(call.ok for call in calls) / len(calls)
 
 
-def _contains_words(haystack: str, needle: str) -> bool:
-    """Whole-word containment after normalization; an empty needle is never contained."""
+def contains_words(haystack: str, needle: str) -> bool:
+    """Whole-word containment after SQuAD normalization; an empty needle is never contained.
+
+    >>> contains_words("The Nile is a river.", "the nile"), contains_words("Nilesh", "Nile")
+    (True, False)
+    """
     needle = normalize_answer(needle)
     return bool(needle) and f" {needle} " in f" {normalize_answer(haystack)} "
 
@@ -318,7 +322,7 @@ def evidence_score(response: str, answers) -> float:
     """
     golds = _aliases(answers)
     tool_responses = find_blocks(response, TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE)
-    return float(any(_contains_words(body, gold) for body in tool_responses for gold in golds))
+    return float(any(contains_words(body, gold) for body in tool_responses for gold in golds))
 
 
 def answer_score(answer: str | None, answers, **bleu_options) -> float:

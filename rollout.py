@@ -361,12 +361,12 @@ def _continue(trajectory: Trajectory, segment: Segment, tokenizer, tools, config
 
 
 def _last_call(segment_text: str, tools) -> tool_lib.ToolCall:
-    """The call this segment ended with (a segment stops at its first `</tool_call>`)."""
-    opened = segment_text.rfind(tool_lib.TOOL_CALL_OPEN)
-    if opened == -1:
+    """The call this segment ended with (a segment stops at its first `</tool_call>`), read as the reward reads it
+    (tools.find_tool_calls), so the call that runs is the call prs.py scores."""
+    bodies = tool_lib.find_tool_calls(segment_text)
+    if not bodies:
         return tool_lib.ToolCall(segment_text, error="found </tool_call> without an opening <tool_call>")
-    body = segment_text[opened + len(tool_lib.TOOL_CALL_OPEN):segment_text.rfind(tool_lib.TOOL_CALL_CLOSE)]
-    return tool_lib.parse_tool_call(body, tools)
+    return tool_lib.parse_tool_call(bodies[-1], tools)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -459,10 +459,12 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
     token_logprobs = torch.where(valid, right_aligned.gather(1, columns), torch.zeros_like(right_aligned))  # [N, R]
     if not with_entropy:
         return token_logprobs
-    with torch.no_grad():  # a diagnostic: no gradient, no graph kept
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [N, R, V]
-        entropy = -(logp.exp() * logp).sum(dim=-1).gather(1, columns)  # [N, R]
-    return token_logprobs, torch.where(valid, entropy, torch.zeros_like(entropy))
+    with torch.no_grad():  # a diagnostic: no gradient, no graph kept; a row at a time, so [n, V] of extra memory
+        entropy = torch.zeros_like(token_logprobs)  # [N, R]
+        for row, n in enumerate(lengths.tolist()):
+            logp = torch.log_softmax(logits[row, width - n:width], dim=-1)  # [n, V], right-aligned like the targets
+            entropy[row, :n] = -(logp.exp() * logp).sum(dim=-1)  # [n]
+    return token_logprobs, entropy
 
 
 def _checkpointing(model) -> bool:

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -181,10 +179,10 @@ class Group:
 
     @property
     def dead(self) -> bool:
-        """All scored rewards equal, or fewer than two scored: every advantage is 0 (METHOD.md §3, the same rule as
-        vspo.dead_groups)."""
-        rewards = [reward for _, reward in self.scored()]
-        return len(rewards) < 2 or statistics.stdev(rewards) < 1e-6
+        """All scored rewards equal, or fewer than two scored: every advantage is 0 (METHOD.md §3, vspo.dead_groups,
+        the rule the advantages follow)."""
+        rewards = torch.tensor([reward for _, reward in self.scored()])  # [n]
+        return len(rewards) == 0 or bool(vspo.dead_groups(rewards, torch.zeros(len(rewards), dtype=torch.long))[1])
 
 
 def score(trajectories, args: Args, tools, judge, step: int) -> list[prs.RewardResult]:
@@ -297,7 +295,7 @@ def advantages(batch: Batch, step_credit, state, args) -> torch.Tensor:
     replay count, plus iStar's step advantages (Eq. 4, 5) when `step_credit` is given."""
     episode = vspo.group_advantages(batch.rewards, batch.group_ids)  # [N]
     if state.value_clip:
-        c_max = (args.group_size - 1) / math.sqrt(args.group_size)  # the largest |A| of a group of G (vspo.py)
+        c_max = vspo.max_group_advantage(args.group_size)  # a fresh group is never clipped, only replays are
         episode = vspo.value_smoothing_clip(episode, batch.replays, c_max)  # [N]
     if step_credit is None:
         return vspo.broadcast_to_tokens(episode, batch.tokens.loss_mask)  # [N, R]
@@ -429,8 +427,9 @@ def find_checkpoint(resume: str) -> Path:
     if (path / "trainer_state.json").exists():
         return path
     latest = path / "checkpoints" / "latest"
-    if latest.exists() and (path / "checkpoints" / latest.read_text().strip() / "trainer_state.json").exists():
-        return path / "checkpoints" / latest.read_text().strip()
+    checkpoint = path / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+    if checkpoint and (checkpoint / "trainer_state.json").exists():
+        return checkpoint
     raise UsageError(f"--resume {resume}: no checkpoint there (expected a checkpoint folder with "
                      f"trainer_state.json, or an output folder with checkpoints/latest)")
 
@@ -577,25 +576,20 @@ def plot(folder: Path) -> Path:
 
 def step_metrics(trained, everything, stats, update_stats, rollout_seconds, args) -> dict:
     every = [(t, r) for g in everything for t, r in zip(g.trajectories, g.results)]
-    metrics = {"reward": _mean(r.total for _, r in every),
-               "exact_match": _mean(r.exact_match for _, r in every),
-               "answered": _mean(t.answer is not None for t, _ in every)}
+    metrics = {"reward": evaluation.mean_of(r.total for _, r in every),
+               "exact_match": evaluation.mean_of(r.exact_match for _, r in every),
+               "answered": evaluation.mean_of(t.answer is not None for t, _ in every)}
     for stage in sorted({s for _, r in every for s in r.stages}):
-        metrics[f"stage_{stage}"] = _mean(r.stages.get(stage) for _, r in every)
+        metrics[f"stage_{stage}"] = evaluation.mean_of(r.stages.get(stage) for _, r in every)
     sampled = sum(sum(t.loss_mask) for t, _ in every)
     metrics |= {"dead_fraction": stats["dead_fraction"],
                 "extra_rollouts_per_prompt": stats["extra_rollouts"] / args.prompts_per_step,
                 "replayed_prompts": stats["replayed"], "unscored": stats["unscored"],
                 "trained_on": sum(len(g.scored()) for g in trained),
                 "response_tokens": sampled / max(len(every), 1),
-                "tool_calls": _mean(len(t.tool_calls) for t, _ in every),
+                "tool_calls": evaluation.mean_of(len(t.tool_calls) for t, _ in every),
                 "rollout_tokens_per_s": sampled / max(rollout_seconds, 1e-9)}
     return metrics | update_stats
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return statistics.fmean(values) if values else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -621,8 +615,10 @@ def setup(args: Args):
     # ~1e-6 vanish in bf16 weights).
     policy, tokenizer = models.load_model(str(checkpoint) if checkpoint else args.model, device=device,
                                           dtype=torch.float32, cache=cache)
-    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
-        policy.gradient_checkpointing_enable()
+    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto"
+                                                            and device.type == "cuda")
+    if checkpointing:
+        enable_checkpointing(policy)
     reference = None
     if args.kl_beta > 0 and args.credit == "outcome":  # iStar uses no KL (METHOD.md §4)
         reference = models.load_model(args.model, device=device, dtype=dtype, cache=cache)[0]
@@ -633,6 +629,9 @@ def setup(args: Args):
                         temperature=args.temperature)
         prm = (istar.ImplicitPRM(models.load_model(str(checkpoint / "prm"), device=device, cache=cache)[0],
                                  **settings) if checkpoint else istar.ImplicitPRM.from_policy(policy, **settings))
+        if checkpointing:  # transformers checkpoints only in training mode, and the PRM is trained every step
+            enable_checkpointing(prm.model)
+            prm.model.train()
     mode, clip, loss = ALGORITHMS[args.algorithm]
     state = State(
         stream=PromptStream(train_examples, args.seed), by_id={e.id: e for e in train_examples},
@@ -650,6 +649,12 @@ def setup(args: Args):
         raise UsageError(f"--task {args.task}: long-form, its rewards need a judge; set --judge-model and "
                          f"--judge-base-url (or JUDGE_MODEL and OPENAI_BASE_URL)")
     return policy, tokenizer, reference, optimizer, state, tools, judge, eval_examples
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, under the name of the installed transformers (renamed within 5.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def train(args: Args) -> dict:

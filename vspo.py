@@ -227,10 +227,19 @@ def choose_replacements(
     return [candidates[i] for i in picks] + [None] * (num_needed - num_picks)
 
 
-# OUR READING: c_max = (G - 1) / sqrt(G) at the paper's group size G = 5, about 1.789: the largest |A| a group of 5
-# can produce (one reward apart from four equal ones). A fresh group of 5 (k = 0) is then never clipped, only replays
-# are. With larger groups pass c_max = (G - 1) / sqrt(G) for that G to keep the same guarantee.
-DEFAULT_C_MAX = 4 / math.sqrt(5)
+def max_group_advantage(group_size: int) -> float:
+    """(G - 1) / sqrt(G): the largest |A| a GRPO group of G can produce (one reward apart from G - 1 equal ones).
+
+    >>> round(max_group_advantage(5), 4)
+    1.7889
+    """
+    return (group_size - 1) / math.sqrt(group_size)
+
+
+# OUR READING: c_max = max_group_advantage(G) at the paper's group size G = 5, about 1.789. A fresh group of 5
+# (k = 0) is then never clipped, only replays are. With other group sizes pass max_group_advantage(G) for that G to
+# keep the same guarantee.
+DEFAULT_C_MAX = max_group_advantage(5)
 
 
 def value_smoothing_clip(

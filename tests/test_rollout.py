@@ -10,6 +10,7 @@ import torch
 from transformers import LogitsProcessor
 
 import models
+import prs
 import rollout
 import tools
 from data import Example
@@ -127,6 +128,16 @@ def test_masks_spans_and_tool_responses_are_exact(model, tok):
     assert all(lp < 0 for lp in (p for p, m in zip(t.logprobs, t.loss_mask) if m))
 
 
+def test_the_call_that_runs_is_the_call_the_reward_scores(model, tok):
+    # A segment that opens <tool_call> twice: the reward (prs.tool_call_score) reads the body from the first opening,
+    # which is not valid JSON; the rollout must not run the inner, valid-looking call and report it as valid.
+    doubled = ["<tool_call>", '{"name": "search", '] + CALL[1:]
+    (t,) = run(model, tok, {"a": [doubled, ANSWER]})
+    (record,) = t.tool_calls
+    assert not record.call.ok and "not valid JSON" in record.call.error
+    assert prs.tool_call_score(t.text, TOOLS) == float(record.call.ok) == 0.0
+
+
 @pytest.mark.parametrize("pieces, reason", [
     (["<answer>", "Nile", "</answer", ">,"], "answer"),
     (["<tool_call>", '{"name": "search", "arguments": {"query": "Nile"}}', "</tool_call", '>"'], "tool_call"),
@@ -234,6 +245,12 @@ def test_logprobs_carry_gradients_and_entropy_is_masked(model, tok):
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     model.zero_grad()
     assert (entropy[batch.response_mask.bool()] > 0).all() and (entropy[~batch.response_mask.bool()] == 0).all()
+    with torch.no_grad():  # reference: each row alone, unpadded, the entropy of the distribution over each token
+        for row in range(len(batch)):
+            ids = batch.input_ids[row][batch.attention_mask[row].bool()]
+            n = int(batch.response_mask[row].sum())
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, -n - 1:-1].float(), dim=-1)  # [n, V]
+            assert torch.allclose(entropy[row, :n], -(logp.exp() * logp).sum(-1), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

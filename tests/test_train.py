@@ -17,7 +17,9 @@ import torch
 
 import eval as evaluation
 import models
+import rollout
 import train
+from cli import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = {"step_seconds", "rollout_tokens_per_s"}  # the only metrics allowed to differ between identical runs
@@ -175,6 +177,13 @@ def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
     assert rows(tmp_path)[-1]["step"] == 3
 
 
+def test_checkpointing_reaches_the_policy_and_the_prm_it_trains(tiny_agent, tmp_path):
+    # transformers checkpoints a layer only in training mode: the PRM, trained every step, must be in it.
+    args = parse(train.Args, small(tiny_agent, tmp_path, "--credit", "istar", "--gradient-checkpointing", "on"))
+    policy, _, _, _, state, *_ = train.setup(args)
+    assert rollout._checkpointing(policy) and rollout._checkpointing(state.prm.model) and state.prm.model.training
+
+
 def test_plot_only_redraws_the_curves(vspo_run, tmp_path):
     run = copy_run(vspo_run, tmp_path / "run")
     (run / "training_curves.png").unlink()
@@ -191,7 +200,7 @@ class JudgeHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         JudgeHandler.calls += 1
         self.rfile.read(int(self.headers["Content-Length"]))
-        verdict = "no verdict here" if JudgeHandler.calls % 4 == 0 else json.dumps({"score": JudgeHandler.calls % 11})
+        verdict = "no verdict here" if JudgeHandler.calls % 2 == 0 else json.dumps({"score": JudgeHandler.calls % 11})
         body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "judge", "choices": [
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": verdict}}]}).encode()
         self.send_response(200)
@@ -208,18 +217,19 @@ def test_long_form_training_with_a_judge_counts_unscored_samples(tiny_agent, tmp
     server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    try:
-        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--task", "wiki-long", "--reward", "binary",
-                         "--judge-model", "judge",
+    JudgeHandler.calls = 0
+    try:  # the tiny agent answers about one long-form question in ten: 60 tokens give the judge a few to score
+        train.main(small(tiny_agent, tmp_path, "--steps", "2", "--max-new-tokens", "60", "--task", "wiki-long",
+                         "--reward", "binary", "--judge-model", "judge",
                          "--judge-base-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
                          "--judge-api-key", "sk-secret-key"))
     finally:
         server.shutdown()
         server.server_close()
     metrics = rows(tmp_path)
-    assert JudgeHandler.calls > 0 and "eval_judge_accuracy" in metrics[0]
+    assert JudgeHandler.calls >= 2 and "eval_judge_accuracy" in metrics[0]  # a verdict and a garbage one at least
     assert all("unscored" in row for row in metrics[1:])
-    assert sum(row["unscored"] for row in metrics[1:]) > 0  # every 4th verdict is garbage: counted, not scored 0
+    assert sum(row["unscored"] for row in metrics[1:]) > 0  # every 2nd verdict is garbage: counted, not scored 0
     for written in [tmp_path / "args.json", *tmp_path.rglob("trainer_state.json"), *tmp_path.rglob("*.jsonl")]:
         assert "sk-secret-key" not in written.read_text(), written
 

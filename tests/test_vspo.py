@@ -25,6 +25,7 @@ from vspo import (
     kl_k3,
     loss_diagnostics,
     masked_reduce,
+    max_group_advantage,
     policy_loss,
     ppo_clip_loss,
     task_value,
@@ -320,6 +321,17 @@ def test_default_c_max_never_clips_a_fresh_grpo_group_of_five(rewards):
     advantages = group_advantages(torch.tensor(rewards), torch.zeros(5, dtype=torch.long))
     assert DEFAULT_C_MAX == pytest.approx(4 / math.sqrt(5))
     assert torch.equal(value_smoothing_clip(advantages, torch.zeros(5, dtype=torch.long)), advantages)
+
+
+@FAST
+@given(st.integers(2, 16).flatmap(lambda g: st.lists(st.floats(0.0, 1.0, width=32), min_size=g, max_size=g)))
+def test_max_group_advantage_bounds_every_group_and_one_outlier_reaches_it(rewards):
+    g = len(rewards)
+    ids = torch.zeros(g, dtype=torch.long)
+    advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), ids)
+    assert (advantages.abs() <= max_group_advantage(g) + 1e-9).all()
+    outlier = group_advantages(torch.tensor([1.0] + [0.0] * (g - 1), dtype=torch.float64), ids)
+    assert outlier.abs().max().item() == pytest.approx(max_group_advantage(g), rel=1e-5)
 
 
 def test_negative_replay_count_is_rejected():
