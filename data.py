@@ -21,6 +21,9 @@ Users' own data in the Search-R1 / FlashRAG format works too:
     corpus     jsonl rows {"id": "...", "contents": "\\"Title\\"\\ntext"}
 
 A malformed row stops with an error naming the file, the line and the field.
+
+Training reads its examples through `PromptStream`: a fresh seeded shuffle every epoch, whose position is two
+integers a checkpoint saves, so a resumed run sees the same questions in the same order.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 import assets
-from prs import contains_words, normalize_answer
+from tools import contains_words, normalize_answer
 
 TASKS = ("wiki", "fanoutqa", "wiki-long")
 SPLITS = ("train", "test")
@@ -251,3 +256,31 @@ def read_corpus_jsonl(path: str | os.PathLike) -> list[Document]:
     if not documents:
         raise DataError(f"{path}: no documents in the file")
     return documents
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training order: an endless, seeded, resumable stream of examples
+# ----------------------------------------------------------------------------------------------------------------------
+class PromptStream:
+    """The examples in a fresh seeded shuffle every epoch. Its state (epoch, position) is two integers, so a
+    checkpoint restores the data order exactly."""
+
+    def __init__(self, examples: list[Example], seed: int, epoch: int = 0, position: int = 0):
+        self.examples, self.seed, self.epoch, self.position = examples, seed, epoch, position
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples)).tolist()
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            if self.position == len(self.examples):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}

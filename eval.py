@@ -11,7 +11,8 @@ formed, tool calls per question and the share of them that parsed, and why traje
 are written as jsonl; a table is printed, one row per task and, with several tasks, their average (as the papers
 report over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, Musique and Bamboogle).
 
-`AgentArgs` are the settings an agent is made of (model, retrieval, tool-loop limits, judge); train.py extends them.
+The settings an agent is made of (model, retrieval, tool-loop limits, judge) are settings.AgentArgs; the helpers below
+build the agent from them, for eval.py and train.py alike.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import random
 import statistics
 import sys
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,53 +31,19 @@ import torch
 
 import assets
 import data
+import judge as judge_lib
 import models
 import prs
 import rollout
+import settings
 import tools as tool_lib
-from cli import UsageError, arg, parse, require
-
-
-@dataclass
-class AgentArgs:
-    model: str = arg(models.EMBEDDED, "model: smollm2-135m (embedded, offline), tiny-random, a save_pretrained "
-                                      "folder or checkpoint, Qwen2.5-0.5B/1.5B/3B/7B, or a hub id")
-    corpus: str = arg("wiki", "search corpus: wiki (10,033 Wikipedia summaries, built in) or a Search-R1 corpus "
-                              "jsonl file")
-    retriever: str = arg("bm25", "bm25 (local index over --corpus) or the URL of a Search-R1 retrieval server")
-    topk: int = arg(3, "passages per search")
-    passage_chars: int = arg(200, "cut each passage to this many characters (0: whole passages); shorter tool "
-                                  "responses are faster to encode")
-    max_tool_calls: int = arg(2, "tool calls allowed per trajectory")
-    max_new_tokens: int = arg(96, "tokens one model segment may sample before it is cut")
-    max_total_tokens: int = arg(1024, "the most tokens of prompt + response")
-    few_shot: bool = arg(True, "put one worked example in the prompt (small models need it to use the format)")
-    device: str = arg("auto", "cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    dtype: str = arg("auto", "compute precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
-                     choices=("auto", "bf16", "fp32"))
-    cache_dir: str = arg("", "cache for the embedded model and data (default: $AGENTIC_RL_CACHE or "
-                             "~/.cache/agentic-rl)")
-    judge_model: str = arg("", "long-form judge model name (default: $JUDGE_MODEL)")
-    judge_base_url: str = arg("", "OpenAI-compatible endpoint of the judge (default: $OPENAI_BASE_URL)")
-    judge_api_key: str = arg("", "judge API key (default: $OPENAI_API_KEY; prefer the variable, flags are visible "
-                                 "in the process list)")
-
-
-@dataclass
-class EvalArgs(AgentArgs):
-    task: list[str] = arg(["wiki"], "one or more tasks: wiki, fanoutqa, wiki-long, or Search-R1 question jsonl files")
-    split: str = arg("test", "split of the built-in tasks", choices=data.SPLITS)
-    limit: int = arg(0, "evaluate only the first N questions of each task (0: all)")
-    batch_size: int = arg(32, "trajectories generated together")
-    temperature: float = arg(0.0, "0: greedy decoding (the default); > 0 samples")
-    seed: int = arg(0, "random seed (matters only when sampling)")
-    output: str = arg("runs/eval", "folder for the trajectories (one <task>.jsonl each) and metrics.json")
+from cli import UsageError, parse, require
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building an agent from its settings
 # ----------------------------------------------------------------------------------------------------------------------
-def build_tools(args: AgentArgs) -> dict[str, tool_lib.Tool]:
+def build_tools(args: settings.AgentArgs) -> dict[str, tool_lib.Tool]:
     """The agent's tools: `search` over the corpus (local BM25) or a Search-R1 retrieval server."""
     backend = search_backend(args.retriever, args.corpus, args.cache_dir)
     return {"search": tool_lib.search_tool(backend, topk=args.topk, passage_chars=args.passage_chars or None)}
@@ -92,30 +58,23 @@ def search_backend(retriever: str, corpus: str, cache_dir: str):
     return tool_lib.BM25Search(data.load_corpus(corpus, cache_dir or None))
 
 
-def rollout_config(args: AgentArgs, **settings) -> rollout.RolloutConfig:
+def rollout_config(args: settings.AgentArgs, **settings) -> rollout.RolloutConfig:
     return rollout.RolloutConfig(max_tool_calls=args.max_tool_calls, max_new_tokens=args.max_new_tokens,
                                  max_total_tokens=args.max_total_tokens, few_shot=args.few_shot, **settings)
 
 
-def build_judge(args: AgentArgs, cache_path: str | None = None) -> prs.Judge | None:
+def build_judge(args: settings.AgentArgs, cache_path: str | None = None) -> judge_lib.Judge | None:
     """The long-form judge, or None when no judge model is configured."""
     if not (args.judge_model or os.environ.get("JUDGE_MODEL")):
         return None
     try:
-        return prs.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
-                         api_key=args.judge_api_key or None, cache_path=cache_path)
+        return judge_lib.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
+                               api_key=args.judge_api_key or None, cache_path=cache_path)
     except ValueError as error:  # no API key
         raise UsageError(str(error)) from None
 
 
-def check_agent_args(args: AgentArgs) -> None:
-    """The agent settings argparse cannot check."""
-    for name in ("topk", "max_tool_calls", "max_new_tokens", "max_total_tokens"):
-        require(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
-    require(args.passage_chars >= 0, "passage_chars", args.passage_chars, "must be 0 (whole passages) or more")
-
-
-def device_and_dtype(args: AgentArgs) -> tuple[torch.device, torch.dtype]:
+def device_and_dtype(args: settings.AgentArgs) -> tuple[torch.device, torch.dtype]:
     """--device auto: CUDA when available; --dtype auto: bf16 on CUDA, fp32 on the CPU (CPUs without native bf16,
     most of them, run bf16 matrix products far slower than fp32)."""
     if args.device == "auto":
@@ -141,7 +100,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Scoring one evaluation
 # ----------------------------------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, judge: prs.Judge | None = None):
+def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, judge: prs.AnswerJudge | None = None):
     """Roll out one trajectory per example and score it. Returns (metrics, records): metrics is a flat dict of
     floats (means over questions), records one dict per question for the jsonl file."""
     trajectories = rollout.rollout(model, tokenizer, examples, tools, config)
@@ -234,13 +193,10 @@ USER_ERRORS = (UsageError, data.DataError, models.ModelLoadError, assets.AssetEr
 
 
 def main(argv=None) -> None:
-    args = parse(EvalArgs, argv, __doc__)
+    args = parse(settings.EvalArgs, argv, __doc__)
     seed_everything(args.seed)
     try:
-        check_agent_args(args)
-        require(args.limit >= 0, "limit", args.limit, "must be 0 (all questions) or more")
-        require(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
-        require(args.temperature >= 0, "temperature", args.temperature, "must be 0 (greedy) or more")
+        settings.check_eval_args(args)
         device, dtype = device_and_dtype(args)
         names = task_names(args.task)
         require(len(set(names)) == len(names), "task", args.task, "names a task twice")

@@ -49,7 +49,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rollout import TokenBatch, recompute_logprobs, response_logprobs
 from vspo import broadcast_to_tokens, group_advantages
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -59,7 +58,8 @@ from vspo import broadcast_to_tokens, group_advantages
 
 def step_index(steps_per_row: list[list[tuple[int, int]]], width: int) -> torch.Tensor:
     """For every response token, the index of the step (assistant segment) it belongs to; -1 on tool-response tokens
-    and padding. Returns a LongTensor [N, R] aligned with TokenBatch's [N, R] tensors (column j = response token j).
+    and padding. Returns a LongTensor [N, R] aligned with the batch's per-response-token tensors (column j = response
+    token j, as in rollout.TokenBatch).
 
     steps_per_row: per trajectory its Trajectory.steps, [start, end) spans into response_ids; width: R.
 
@@ -136,7 +136,7 @@ def dpo_pairs(outcome_rewards: torch.Tensor, group_ids: torch.Tensor, threshold:
             [3, 2]])
     """
     # OUR READING: a NaN reward (a sample the judge could not score) is neither a success nor a failure, so it never
-    # enters a pair; METHOD.md §2 excludes unscored samples from the update.
+    # enters a pair; METHOD.md §2.4 excludes unscored samples from the update.
     success, failure = outcome_rewards > threshold, outcome_rewards <= threshold  # [N], [N]
     same_group = group_ids.unsqueeze(1) == group_ids.unsqueeze(0)  # [N, N]
     return (same_group & success.unsqueeze(1) & failure.unsqueeze(0)).nonzero()  # [P, 2]
@@ -178,7 +178,7 @@ def step_advantages(
             [ 1.0911,  0.0000]])
     """
     # OUR READING: the paper writes std(R_s) without saying which; we take the sample std (divide by count - 1), the
-    # convention of the episode advantage (vspo.group_advantages, METHOD.md §3), so A^E and A^S are on one scale.
+    # convention of the episode advantage (vspo.group_advantages, METHOD.md §3.1), so A^E and A^S are on one scale.
     # With 5 trajectories of 3 steps the two conventions differ by sqrt(15 / 14), 3.5%. Also vspo's: a group of equal
     # step rewards (std < tol) gets exactly 0, where dividing by std + eps would turn rounding noise into ±1.
     step_groups = group_ids.unsqueeze(1).expand_as(step_mask)[step_mask]  # [number of real steps]
@@ -218,7 +218,7 @@ def combine_advantages(
 
 
 class ImplicitPRM:
-    """The implicit PRM π_φ, its AdamW optimizer and the iStar settings (METHOD.md §4).
+    """The implicit PRM π_φ, its AdamW optimizer and the iStar settings (METHOD.md §4.2).
 
     model          π_φ, a causal LM with the policy's tokenizer, trained here and nowhere else
     lr             the PRM's learning rate (the paper: 1e-6)
@@ -227,10 +227,15 @@ class ImplicitPRM:
     max_grad_norm  the PRM's gradient is clipped to this global norm before its step
     weight_decay   AdamW's decoupled weight decay
     temperature    the PRM's log-probs are taken at this temperature; it must be the one old_logprobs were taken at
+    logprobs_fn    logprobs_fn(model, micro_batch) -> [n, r] log-probs of the micro-batch's response tokens, with
+                   gradients when they are enabled. Default: rollout.response_logprobs at `temperature` (imported when
+                   first used, so that the math above needs only vspo.py). Another trainer passes its own.
 
-    Create it once from the policy with `ImplicitPRM.from_policy(policy)` (a deep copy: same weights, separate
-    parameters), or from a saved PRM folder with `ImplicitPRM(AutoModelForCausalLM.from_pretrained(folder))`. Then,
-    every iteration, after the rollout and its outcome rewards and before the policy update:
+    A batch is anything with len(), row slicing (`batch[start:stop]`, a micro-batch), `.to(device)` and `.loss_mask`
+    [N, R] (1 on sampled tokens), as rollout.TokenBatch has. Create the PRM once from the policy with
+    `ImplicitPRM.from_policy(policy)` (a deep copy: same weights, separate parameters), or from a saved PRM folder
+    with `ImplicitPRM(AutoModelForCausalLM.from_pretrained(folder))`. Then, every iteration, after the rollout and
+    its outcome rewards and before the policy update:
 
         old_logprobs = recompute_logprobs(policy, batch, micro_batch_size, prm.temperature)  # π_θold, [N, R]
         step_ids = step_index([t.steps for t in trajectories], batch.response_ids.shape[1])
@@ -251,32 +256,33 @@ class ImplicitPRM:
         max_grad_norm: float = 1.0,
         weight_decay: float = 0.01,
         temperature: float = 1.0,
+        logprobs_fn=None,
     ):
-        # OUR READING: METHOD.md §4 leaves the success threshold open; 0.5 splits a reward in [0, 1] (PRS, EM) in the
-        # middle, and binary EM gives the same pairs with any threshold in [0, 1).
+        # OUR READING: METHOD.md §4.2 leaves the success threshold open; 0.5 splits a reward in [0, 1] (PRS, EM) in
+        # the middle, and binary EM gives the same pairs with any threshold in [0, 1).
         # OUR READING: gradient clipping at 1.0 and weight decay 0.01 are verl's actor defaults, which the authors'
         # code builds on; the paper gives only the learning rate.
         # OUR READING: the PRM scores tokens at the temperature old_logprobs were computed at (the sampling one), so
         # log π_φ − log π_θold is exactly 0 while φ = θ_old.
         self.model = model
         self.beta, self.threshold, self.max_grad_norm, self.temperature = beta, threshold, max_grad_norm, temperature
+        self.logprobs_fn = logprobs_fn or _response_logprobs_at(temperature)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     @classmethod
     def from_policy(cls, policy, **settings) -> ImplicitPRM:
-        """A PRM initialised from the policy (a deep copy of it) with the given settings (METHOD.md §4)."""
+        """A PRM initialised from the policy (a deep copy of it) with the given settings (METHOD.md §4.2)."""
         return cls(copy.deepcopy(policy), **settings)
 
     def score_and_update(
         self,
-        batch: TokenBatch,
+        batch,
         old_logprobs: torch.Tensor,
         outcome_rewards: torch.Tensor,
         group_ids: torch.Tensor,
         step_ids: torch.Tensor,
         *,
         micro_batch_size: int = 8,
-        share_prefix: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Step rewards from the current PRM (Eq. 1), then one DPO step of the PRM on this batch (Eq. 2).
 
@@ -284,8 +290,7 @@ class ImplicitPRM:
         recompute_logprobs(policy, batch, micro_batch_size, self.temperature), the same micro-batch size and
         temperature, so that at the first iteration (φ = θ_old) every step reward is exactly 0 and not float noise
         that Eq. 4 would blow up to ±1;
-        outcome_rewards, group_ids: [N]; step_ids: [N, R] from step_index. share_prefix: encode the batch's shared
-        prompt prefix once (rollout.response_logprobs, which turns it off itself under gradient checkpointing).
+        outcome_rewards, group_ids: [N]; step_ids: [N, R] from step_index.
 
         Returns (step_rewards [N, S], step_mask [N, S], diagnostics). The step rewards come from the PRM as it was
         before this call's update, as in the authors' code. Diagnostics, floats: dpo_loss, pair_accuracy (share of
@@ -299,7 +304,7 @@ class ImplicitPRM:
         in exchange only one micro-batch's activations are held at a time. Rows in no pair are skipped in pass 2.
         All tensors on the CPU, as collate and recompute_logprobs give them; the model may be on any device.
         """
-        prm_logprobs = recompute_logprobs(self.model, batch, micro_batch_size, self.temperature, share_prefix)  # [N, R]
+        prm_logprobs = self._logprobs_without_gradients(batch, micro_batch_size)  # [N, R]
         rewards, step_mask = step_rewards(prm_logprobs, old_logprobs, step_ids, self.beta)  # [N, S], [N, S]
         log_ratio = trajectory_log_ratio(prm_logprobs, old_logprobs, batch.loss_mask).requires_grad_()  # [N] z
         pairs = dpo_pairs(outcome_rewards, group_ids, self.threshold)  # [P, 2]
@@ -315,15 +320,27 @@ class ImplicitPRM:
             "skipped": float(len(pairs) == 0),
         }
         if len(pairs):
-            self._backpropagate(batch, old_logprobs, log_ratio.grad, micro_batch_size, share_prefix)
+            self._backpropagate(batch, old_logprobs, log_ratio.grad, micro_batch_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             diagnostics["grad_norm"] = grad_norm.item()
         return rewards, step_mask, diagnostics
 
-    def _backpropagate(self, batch: TokenBatch, old_logprobs: torch.Tensor, dloss_dz: torch.Tensor,
-                       micro_batch_size: int, share_prefix: bool) -> None:
+    @torch.no_grad()
+    def _logprobs_without_gradients(self, batch, micro_batch_size: int) -> torch.Tensor:
+        """Pass 1 of score_and_update: [N, R] log-probs under the PRM, a micro-batch at a time, gathered on the CPU
+        (the same computation as rollout.recompute_logprobs, so φ = θ_old gives exactly old_logprobs)."""
+        out = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)  # [N, R]
+        device = next(self.model.parameters()).device
+        for start in range(0, len(batch), micro_batch_size):
+            micro = batch[start:start + micro_batch_size].to(device)
+            logprobs = self.logprobs_fn(self.model, micro)  # [n, r]
+            out[start:start + len(micro), :logprobs.shape[1]] = logprobs.float().cpu()
+        return out
+
+    def _backpropagate(self, batch, old_logprobs: torch.Tensor, dloss_dz: torch.Tensor,
+                       micro_batch_size: int) -> None:
         """Pass 2 of score_and_update: accumulate dL/dφ = Σ_i dL/dz_i · dz_i/dφ, one micro-batch at a time."""
         device = next(self.model.parameters()).device
         for start in range(0, len(batch), micro_batch_size):
@@ -331,7 +348,7 @@ class ImplicitPRM:
             if not dloss_dz[rows].any():  # no row here is in a pair: its gradient is exactly 0
                 continue
             micro = batch[rows].to(device)
-            logprobs = response_logprobs(self.model, micro, self.temperature, share_prefix=share_prefix)  # [n, r]
+            logprobs = self.logprobs_fn(self.model, micro)  # [n, r]
             width = logprobs.shape[1]  # r: the micro-batch drops columns none of its rows uses
             z = trajectory_log_ratio(logprobs, old_logprobs[rows, :width].to(device), micro.loss_mask)  # [n]
             (z * dloss_dz[rows].to(device)).sum().backward()
@@ -343,3 +360,15 @@ class ImplicitPRM:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned, into a PRM built on the saved model."""
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _response_logprobs_at(temperature: float):
+    """The default logprobs_fn: rollout.response_logprobs at `temperature` (it encodes the batch's shared prompt prefix
+    once, and stops sharing it by itself under activation checkpointing in training mode)."""
+
+    def logprobs_fn(model, micro_batch):
+        from rollout import response_logprobs  # here, so that importing istar needs only torch and vspo
+
+        return response_logprobs(model, micro_batch, temperature)
+
+    return logprobs_fn

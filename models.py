@@ -160,6 +160,13 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, under the name of the installed transformers (renamed within 5.x). It
+    acts only while the model is in training mode."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def _from_pretrained(cls, name: str, source: str, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)

@@ -17,9 +17,9 @@ The system message and worked example open every prompt; their keys and values a
 shared by every row (on a CPU that prefix is most of the prompt's cost).
 
 Token-in, token-out: the sampled ids are kept exactly as they were sampled; only the new tool text is tokenized.
-Sampled text is never decoded and re-encoded (peers' mask and drift bugs, PEERS.md).
+Sampled text is never decoded and re-encoded (peers' mask and drift bugs, METHOD.md §6).
 
-Every trajectory records what METHOD.md §1 lists: ids, loss mask, sampling log-probs, the span of each assistant
+Every trajectory records what METHOD.md §1.3 lists: ids, loss mask, sampling log-probs, the span of each assistant
 segment ("step", used by iStar), each tool call with its parse status and response, the final answer, why it
 stopped, and its group id.
 
@@ -40,7 +40,6 @@ from transformers import DynamicCache
 
 import tools as tool_lib
 from data import Example
-from prs import extract_answer
 
 STOP_STRINGS = {tool_lib.TOOL_CALL_CLOSE: "tool_call", tool_lib.ANSWER_CLOSE: "answer"}
 STOP_REASONS = ("answer", "eos", "length", "max_tool_calls")
@@ -326,7 +325,7 @@ def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, t
                     _continue(trajectories[i], open_segments.pop(i), tokenizer, tools, config)
     for trajectory in trajectories:
         trajectory.text = tokenizer.decode(trajectory.response_ids, skip_special_tokens=True)
-        trajectory.answer = extract_answer(trajectory.text) if trajectory.stop_reason == "answer" else None
+        trajectory.answer = tool_lib.extract_answer(trajectory.text) if trajectory.stop_reason == "answer" else None
     return trajectories
 
 

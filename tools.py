@@ -30,6 +30,8 @@ import ast
 import json
 import math
 import operator
+import re
+import string
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 MAX_OBSERVATION_CHARS = 1500  # a search result of 3 summaries is ~1,400 characters
+
+_PUNCTUATION = set(string.punctuation)
 
 _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,),
                "array": (list,)}
@@ -189,6 +193,48 @@ def format_tool_response(observation: str) -> str:
 def describe_tools(tools: Mapping[str, Tool]) -> str:
     """One JSON signature per line, as Qwen2.5's chat template lists tools inside <tools></tools>."""
     return "\n".join(json.dumps(tool.signature()) for tool in tools.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The final answer: extraction and SQuAD normalization (what rewards, metrics and data generation compare)
+# ----------------------------------------------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalization: lowercase, drop punctuation and the articles a/an/the, collapse whitespace.
+
+    >>> normalize_answer("The  Eiffel-Tower!")
+    'eiffeltower'
+    """
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def contains_words(haystack: str, needle: str) -> bool:
+    """Whole-word containment after SQuAD normalization; an empty needle is never contained.
+
+    >>> contains_words("The Nile is a river.", "the nile"), contains_words("Nilesh", "Nile")
+    (True, False)
+    """
+    needle = normalize_answer(needle)
+    return bool(needle) and f" {needle} " in f" {normalize_answer(haystack)} "
+
+
+def extract_answer(response: str) -> str | None:
+    """The text of the final `<answer>…</answer>` of the response, stripped; None when there is none.
+
+    Give it the response alone: a prompt's example answer is not the agent's (METHOD.md §6: Search-R1's extractor
+    counted the prompt's example as one of the agent's answers).
+
+    >>> extract_answer("<think>Two candidates.</think><answer> Paris </answer>")
+    'Paris'
+    >>> extract_answer("I think it is Paris.") is None
+    True
+    """
+    close_at = response.rfind(ANSWER_CLOSE)
+    open_at = response.rfind(ANSWER_OPEN, 0, max(close_at, 0))
+    if close_at == -1 or open_at == -1:
+        return None
+    return response[open_at + len(ANSWER_OPEN):close_at].strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class GroupStats(NamedTuple):
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
-    """Mean, sample std and size of each group's rewards (METHOD.md §3, GRPO advantage).
+    """Mean, sample std and size of each group's rewards (METHOD.md §3.1, GRPO advantage).
 
     rewards: float [N]; group_ids: int [N], any values in any order, groups of any size.
 
@@ -71,7 +71,7 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> GroupStats:
 
 
 def dead_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which groups are dead: sample std < tol, all rewards equal, every advantage 0 (METHOD.md §3, dead group).
+    """Which groups are dead: sample std < tol, all rewards equal, every advantage 0 (METHOD.md §3.1, dead group).
 
     Returns (ids [G] sorted, dead [G] bool) aligned with each other: `ids[dead]` are the groups to replace.
 
@@ -85,7 +85,7 @@ def dead_groups(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = 1e-
 def group_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6, tol: float = 1e-6
 ) -> torch.Tensor:
-    """GRPO advantage A_i = (r_i - mean_g) / (std_g + eps), sample std, 0 in dead groups (METHOD.md §3).
+    """GRPO advantage A_i = (r_i - mean_g) / (std_g + eps), sample std, 0 in dead groups (METHOD.md §3.1).
 
     rewards: float [N]; group_ids: int [N] (ragged groups, any ids, any order). Returns [N].
     Ids 7 and 3 below: one success in five (sample std 0.4472), and a dead group of two.
@@ -96,13 +96,13 @@ def group_advantages(
     stats = group_stats(rewards, group_ids)
     mean, std = stats.mean[stats.index], stats.std[stats.index]  # [N], [N]
     advantages = (rewards - mean) / (std + eps)  # [N]
-    # OUR READING (METHOD.md §3, dead group): std < tol gives exactly 0. Without it, rounding leaves r - mean and std
+    # OUR READING (METHOD.md §3.1, dead group): std < tol gives exactly 0. Without it, rounding leaves r - mean and std
     # both ~6e-8 (seven float32 0.9s), and (r - mean) / (std + eps) comes out near -0.06 instead of 0.
     return torch.where(std < tol, 0.0, advantages)  # [N]
 
 
 def broadcast_to_tokens(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Each trajectory's advantage on its sampled tokens, 0 on prompt, tool and padding tokens (METHOD.md §3).
+    """Each trajectory's advantage on its sampled tokens, 0 on prompt, tool and padding tokens (METHOD.md §3.1).
 
     advantages: [N]; loss_mask: [N, T] (1 = sampled by the policy). Returns [N, T].
 
@@ -119,7 +119,7 @@ def broadcast_to_tokens(advantages: torch.Tensor, loss_mask: torch.Tensor) -> to
 
 
 def task_value(rewards, r_max: float = 1.0, tol: float = 1e-6) -> float:
-    """Task value V = (R_max - mean) * std of one prompt's rollout rewards (METHOD.md §3, task value).
+    """Task value V = (R_max - mean) * std of one prompt's rollout rewards (METHOD.md §3.2, task value).
 
     rewards: a 1-D tensor or list, each <= r_max. (R_max - mean) is the difficulty, std the uncertainty; V is never
     negative and is 0 for a dead group. For 0/1 rewards with success rate p, V = (1 - p) * sqrt(p (1 - p)): it peaks
@@ -141,7 +141,7 @@ def task_value(rewards, r_max: float = 1.0, tol: float = 1e-6) -> float:
 
 @dataclass
 class ValueBuffer:
-    """Per-prompt task value (EMA-smoothed) and replay count, the memory of value-based sampling (METHOD.md §3).
+    """Per-prompt task value (EMA-smoothed) and replay count, the memory of value-based sampling (METHOD.md §3.3).
 
     Keys are prompt ids (str). state_dict() is a plain JSON-able dict, so a checkpoint can save and restore it.
 
@@ -193,7 +193,7 @@ REPLACEMENT_MODES = ("value", "random", "filter", "none")
 def choose_replacements(
     buffer: ValueBuffer, num_needed: int, exclude: Collection[str], rng: np.random.Generator, mode: str = "value"
 ) -> list[str | None]:
-    """Prompts to roll out in place of a batch's dead groups (METHOD.md §3, value-based sampling and its ablations).
+    """Prompts to roll out in place of a batch's dead groups (METHOD.md §3.3, value-based sampling and its ablations).
 
     value   VSPO: buffer prompts with value > 0 and not in `exclude`, drawn without replacement with probability
             proportional to value (each draw among the prompts left).
@@ -245,7 +245,7 @@ DEFAULT_C_MAX = max_group_advantage(5)
 def value_smoothing_clip(
     advantages: torch.Tensor, replay_counts: torch.Tensor, c_max: float = DEFAULT_C_MAX
 ) -> torch.Tensor:
-    """Value-smoothing clipping: clip A to ±c_k, c_k = c_max / sqrt(1 + k), k the replay count (METHOD.md §3).
+    """Value-smoothing clipping: clip A to ±c_k, c_k = c_max / sqrt(1 + k), k the replay count (METHOD.md §3.4).
 
     advantages and replay_counts share a shape, e.g. [N] per trajectory; k is the number of times the sample's prompt
     was drawn as a replacement, counting this rollout (0 for a fresh prompt). Keeps the sign, never grows |A|, never
@@ -275,7 +275,7 @@ def masked_reduce(
     reduction: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scalar mean of per-token values over sampled tokens only (METHOD.md §3: token-mean over the batch).
+    """Scalar mean of per-token values over sampled tokens only (METHOD.md §3.5: token-mean over the batch).
 
     token-mean  sum of values on sampled tokens / normalizer (default: the number of sampled tokens here).
     seq-mean    sum over sequences of each one's mean over its sampled tokens / normalizer (default: batch size).
@@ -312,7 +312,7 @@ def ppo_clip_loss(
     reduction: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PPO-clip: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = pi_theta / pi_old (METHOD.md §3).
+    """PPO-clip: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = pi_theta / pi_old (METHOD.md §3.5).
 
     All inputs [B, T]; only logprobs carries gradient. Masked tokens get neither loss nor gradient, whatever their
     values (NaN and inf included). A token whose ratio left the trust region on the side its advantage pushes toward
@@ -345,7 +345,7 @@ def cispo_loss(
     reduction: str = "token-mean",
     normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CISPO (MiniMax-M1): -sg[clip(rho, 1 - eps_low, 1 + eps_high)] A log pi_theta, the baseline of METHOD.md §3.
+    """CISPO (MiniMax-M1): -sg[clip(rho, 1 - eps_low, 1 + eps_high)] A log pi_theta, the baseline of METHOD.md §3.5.
 
     All inputs [B, T]. Unlike PPO-clip no token loses its gradient: the clipped importance weight only scales it,
     gradient = -clip(rho) A grad(log pi_theta) / normalizer. Masked tokens count for nothing, NaN and inf included.
@@ -368,7 +368,7 @@ def cispo_loss(
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (METHOD.md §3, KL term).
+    """Per-token k3 estimate of KL(pi_theta || pi_ref): exp(ref - logp) - (ref - logp) - 1 (METHOD.md §3.5, KL term).
 
     Any shape, unreduced and unmasked (reduce with masked_reduce). Always >= 0, and 0 where the two log-probs agree.
 
@@ -447,7 +447,7 @@ def policy_loss(
     normalizer: float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy loss of METHOD.md §3: PPO-clip (kind="ppo") or CISPO (kind="cispo") plus kl_beta * k3 to the
+    """The policy loss of METHOD.md §3.5: PPO-clip (kind="ppo") or CISPO (kind="cispo") plus kl_beta * k3 to the
     reference, token-mean over the batch (or reduction="seq-mean").
 
     All tensors [B, T]: logprobs with gradient, old_logprobs from the rollout policy, advantages already broadcast to
@@ -474,3 +474,16 @@ def policy_loss(
         logprobs, old_logprobs, advantages, loss_mask, kind=kind, **clip, ref_logprobs=ref_logprobs, entropy=entropy
     )
     return loss, diagnostics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The method and its baselines, as settings of the pieces above (train.py's --algorithm)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# name -> (dead-group replacement mode of choose_replacements, value-smoothing clipping on, policy loss kind)
+ALGORITHMS = {
+    "vspo": ("value", True, "ppo"),  # the paper's method (METHOD.md §3)
+    "grpo": ("none", False, "ppo"),  # no replacement, no clipping (METHOD.md §3.5, the baseline)
+    "dapo": ("filter", False, "ppo"),  # dead groups dropped and refilled with fresh prompts (METHOD.md §3.3)
+    "cispo": ("none", False, "cispo"),  # GRPO sampling with the CISPO loss (METHOD.md §3.5)
+}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import data
-from prs import normalize_answer
+from tools import normalize_answer
 
 
 def test_corpus_is_the_ten_thousand_summaries(corpus):
@@ -123,8 +123,8 @@ def test_bad_corpus_rows_name_file_line_and_field(tmp_path, line, message):
 
 
 def test_duplicate_ids_are_refused(tmp_path):
-    path = write_lines(tmp_path / "q.jsonl", [json.dumps({"id": "train_0", "question": f"q{i}?", "golden_answers": ["a"]})
-                                              for i in range(2)])
+    rows = [json.dumps({"id": "train_0", "question": f"q{i}?", "golden_answers": ["a"]}) for i in range(2)]
+    path = write_lines(tmp_path / "q.jsonl", rows)
     with pytest.raises(data.DataError, match=r"q.jsonl:2: id 'train_0' was already used on line 1"):
         data.read_questions_jsonl(path)
 

@@ -386,7 +386,7 @@ def test_micro_batched_update_follows_the_gradient_of_one_graph_over_the_whole_b
         # step is nearly lr * sign(gradient), blind to a wrong scale).
         prm.optimizer = torch.optim.SGD(prm.model.parameters(), lr=1.0)
         _, _, diagnostics = prm.score_and_update(batch, old_logprobs, rewards, group_ids, step_ids,
-                                                 micro_batch_size=micro_batch_size, share_prefix=not checkpointing)
+                                                 micro_batch_size=micro_batch_size)
         case = (micro_batch_size, checkpointing)
         assert torch.allclose(weights(start) - weights(prm.model), gradient, rtol=1e-4, atol=3e-7), case
         assert diagnostics["grad_norm"] == pytest.approx(gradient.norm().item(), rel=1e-5), case

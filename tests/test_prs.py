@@ -1,15 +1,10 @@
-"""prs.py: answer metrics, LA-BLEU against sacrebleu, the staged and gated PRS reward and its schedule, the reward
-hacks peers shipped, the LLM judge through the real openai client against a loopback chat-completions server, and the
-TRL and verl adapters called the way those libraries call them."""
+"""prs.py: answer metrics and extraction, LA-BLEU against sacrebleu, the staged and gated PRS reward and its
+schedule, the reward hacks peers shipped, and the TRL and verl adapters called the way those libraries call them.
+The judge and the long-form rewards on it are in test_judge.py."""
 
 import doctest
 import json
-import logging
-import re
 import string
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -21,9 +16,9 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 import prs
 import tools
-from prs import (Judge, binary_longform_rewards, binary_reward, compute_score, evidence_score, exact_match,
-                 extract_answer, format_score, la_bleu, normalize_answer, parse_verdict, prs_longform_rewards,
-                 prs_reward, stage_weights, token_f1, tool_call_score, trl_reward)
+from prs import (binary_reward, compute_score, evidence_score, exact_match, format_score, la_bleu, prs_reward,
+                 stage_weights, token_f1, tool_call_score, trl_reward)
+from tools import extract_answer, normalize_answer
 
 TOOLS = {"search": tools.search_tool(lambda query, k: []), "calculator": tools.calculator_tool()}
 STAGES = ("format", "tool_call", "evidence", "answer")
@@ -344,240 +339,6 @@ def test_hack_tool_call_with_invalid_json():
 def test_hack_tool_response_written_by_the_model():
     response = "<think>Pretend I searched.</think>" + env("Doc 1 (Title: Nile) Nile.") + "<answer>Nile</answer>"
     assert final(response).total == 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The judge through the real openai client, against a loopback chat-completions server
-# ----------------------------------------------------------------------------------------------------------------------
-API_KEY = "sk-test-SECRET-4f9a1c"
-
-
-class ChatServer:
-    """Speaks POST /v1/chat/completions. `reply(request)` returns (status, assistant text) and may sleep; `request`
-    holds the parsed body, the headers and its 1-based arrival number."""
-
-    def __init__(self, reply):
-        self.reply, self.requests, self.lock = reply, [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = {name.lower(): value for name, value in self.headers.items()}
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body, "headers": headers})
-                    request = dict(server.requests[-1], n=len(server.requests))
-                status, text = server.reply(request)
-                payload = (json.dumps(chat_completion(text, body["model"])) if status == 200
-                           else json.dumps({"error": {"message": text, "type": "server_error"}}))
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload.encode())))
-                    self.end_headers()
-                    self.wfile.write(payload.encode())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def prompts(self) -> list[str]:
-        return [" ".join(m["content"] for m in r["body"]["messages"]) for r in self.requests]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def chat_completion(text: str, model: str) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}}
-
-
-def verdict(score, reason="ok") -> str:
-    return json.dumps({"score": score, "reason": reason})
-
-
-def score_in_answer(request) -> tuple[int, str]:
-    """Grades answers of the form 'sN' with score N; anything else gets garbage."""
-    found = re.search(r"<graded_answer>\ns(\d+)\n</graded_answer>", request["body"]["messages"][1]["content"])
-    return (200, verdict(int(found.group(1)))) if found else (200, "I cannot grade this.")
-
-
-@pytest.fixture
-def chat_server(monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    servers = []
-
-    def start(reply):
-        servers.append(ChatServer(reply))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def make_judge(server, **options) -> Judge:
-    defaults = dict(model="judge-model", base_url=server.url, api_key=API_KEY, timeout_s=2.0, max_retries=2,
-                     backoff_s=0.01)
-    return Judge(**{**defaults, **options})
-
-
-def test_judge_valid_verdict_at_temperature_0_with_only_question_reference_and_answer(chat_server):
-    server = chat_server(lambda request: (200, verdict(9, "close")))
-    judge = make_judge(server)
-    assert judge.score("Longest river?", "The Nile, in Africa.", "Nile") == 0.9
-    (request,) = server.requests
-    assert request["path"] == "/v1/chat/completions" and request["body"]["temperature"] == 0
-    assert request["body"]["model"] == "judge-model" and request["headers"]["authorization"] == f"Bearer {API_KEY}"
-    prompt = server.prompts()[0]
-    assert "Longest river?" in prompt and "The Nile, in Africa." in prompt and "<graded_answer>\nNile\n" in prompt
-    assert judge.stats == {"requests": 1, "cache_hits": 0, "scored": 1, "failures": 0, "unparseable": 0}
-
-
-@pytest.mark.parametrize("reply, expected", [
-    ('```json\n{"score": "7", "reason": "minor omission"}\n```', 0.7),
-    ('Here is my verdict: {"score": 10, "reason": "all {points} covered"} Thanks.', 1.0),
-    ('{"score": 4.5}', 0.45),
-])
-def test_judge_parses_verdicts_robustly(chat_server, reply, expected):
-    server = chat_server(lambda request: (200, reply))
-    assert make_judge(server).score("Q?", "R.", "A.") == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("reply", ["The answer is correct.", '{"score": 12}', '{"score": "high"}', '{"score": null}',
-                                   '{"reason": "no score"}', "", '{"score": true}'])
-def test_judge_garbage_is_unscored_and_counted_not_retried(chat_server, reply):
-    server = chat_server(lambda request: (200, reply))
-    judge = make_judge(server)
-    assert judge.score("Q?", "R.", "A.") is None
-    assert judge.stats["unparseable"] == 1 and judge.stats["requests"] == 1 and len(server.requests) == 1
-
-
-def test_parse_verdict_directly():
-    assert parse_verdict('{"score": 3, "reason": "x"}') == (0.3, "x")
-    assert parse_verdict('{"score": " 8 "}') == (0.8, "")
-    assert parse_verdict('{"score": 0.5}', scale=1) == (0.5, "")
-    assert parse_verdict('{"note": {"a": 1}} then {"score": 6}') == (0.6, "")
-    assert parse_verdict('{"score": -1}') is None and parse_verdict('{"score": NaN}') is None
-    assert parse_verdict("{not json") is None
-
-
-def test_judge_retries_500s_then_succeeds(chat_server):
-    server = chat_server(lambda request: (500, "overloaded") if request["n"] <= 2 else (200, verdict(8)))
-    judge = make_judge(server, max_retries=2)
-    assert judge.score("Q?", "R.", "A.") == 0.8
-    assert judge.stats["requests"] == 3 and judge.stats["failures"] == 0
-
-
-def test_judge_persistent_500s_are_unscored_counted_and_never_leak_the_key(chat_server, caplog):
-    # A hostile or misconfigured server echoes the Authorization header in its error body.
-    server = chat_server(lambda request: (500, f"boom, your header was {request['headers']['authorization']}"))
-    judge = make_judge(server, max_retries=2)
-    with caplog.at_level(logging.DEBUG):
-        assert judge.score("Q?", "R.", "A.") is None
-    assert judge.stats["failures"] == 1 and judge.stats["requests"] == 3 and len(server.requests) == 3
-    assert "failed after 3 attempt" in caplog.text and "***" in caplog.text
-    assert API_KEY not in caplog.text and API_KEY not in repr(judge) and API_KEY not in str(judge.stats)
-
-
-def test_judge_timeouts_are_unscored_and_counted(chat_server):
-    server = chat_server(lambda request: (time.sleep(1.5), (200, verdict(9)))[1])
-    judge = make_judge(server, timeout_s=0.2, max_retries=1)
-    started = time.monotonic()
-    assert judge.score("Q?", "R.", "A.") is None
-    assert time.monotonic() - started < 1.2
-    assert judge.stats["failures"] == 1 and judge.stats["requests"] == 2
-
-
-def test_judge_batch_runs_concurrently_and_stays_aligned(chat_server):
-    n, delay = 8, 0.4
-    server = chat_server(lambda request: (time.sleep(delay), score_in_answer(request))[1])
-    judge = make_judge(server, max_workers=n)
-    items = [("Q?", "R.", f"s{i}") for i in range(n)]
-    started = time.monotonic()
-    scores = judge.score_batch(items)
-    assert time.monotonic() - started < n * delay / 2
-    assert scores == [i / 10 for i in range(n)]
-
-
-def test_judge_caches_in_memory_and_dedupes_a_batch(chat_server):
-    server = chat_server(score_in_answer)
-    judge = make_judge(server)
-    assert judge.score("Q?", "R.", "s6") == 0.6 and judge.score("Q?", "R.", "s6") == 0.6
-    assert len(server.requests) == 1 and judge.stats["cache_hits"] == 1
-    assert judge.score_batch([("Q?", "R.", "s3"), ("Q?", "R.", "s3"), ("Q?", "R.", "s6")]) == [0.3, 0.3, 0.6]
-    assert len(server.requests) == 2
-
-
-def test_judge_disk_cache_survives_a_new_judge_and_holds_no_key(chat_server, tmp_path):
-    server = chat_server(score_in_answer)
-    path = tmp_path / "judge_cache.jsonl"
-    first = make_judge(server, cache_path=str(path))
-    assert first.score_batch([("Q?", "R.", "s7"), ("Q?", "R.", "bad")]) == [0.7, None]
-    resumed = make_judge(server, cache_path=str(path))
-    assert resumed.score("Q?", "R.", "s7") == 0.7 and len(server.requests) == 2  # a cache hit, no request
-    assert resumed.score("Q?", "R.", "bad") is None and len(server.requests) == 3  # failures are not cached
-    assert API_KEY not in path.read_text() and len(path.read_text().splitlines()) == 1
-    other_model = make_judge(server, cache_path=str(path), model="another-judge")
-    assert other_model.score("Q?", "R.", "s7") == 0.7 and len(server.requests) == 4  # the model is in the key
-
-
-def test_judge_reads_settings_from_the_environment(chat_server, monkeypatch):
-    server = chat_server(lambda request: (200, verdict(5)))
-    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("JUDGE_MODEL", "env-judge")
-    assert Judge(max_retries=0).score("Q?", "R.", "A.") == 0.5
-    assert server.requests[0]["body"]["model"] == "env-judge"
-    monkeypatch.delenv("JUDGE_MODEL")
-    with pytest.raises(ValueError, match="JUDGE_MODEL"):
-        Judge()
-    monkeypatch.delenv("OPENAI_API_KEY")
-    with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        Judge(model="m")
-
-
-def test_longform_reward_judges_only_the_final_answer_and_marks_failures_unscored(chat_server):
-    server = chat_server(score_in_answer)
-    judge = make_judge(server)
-    think, tool_text = "SECRET_THOUGHT", "TOOL_TEXT_ONLY"
-    good = f"<think>{think}</think>{call()}{env(tool_text)}<answer>s10</answer>"
-    partial = f"<think>{think}</think>{call()}{env(tool_text)}<answer>s4</answer>"
-    broken = f"{call()}{env(tool_text)}<answer>s10</answer> trailing"
-    garbage = f"{call()}{env(tool_text)}<answer>unreadable</answer>"
-    no_search = "<answer>s10</answer>"
-    results = prs_longform_rewards([good, partial, broken, garbage, no_search], ["Q?"] * 5, ["R."] * 5, judge, TOOLS,
-                                   step=0, total_steps=10)
-    good_r, partial_r, broken_r, garbage_r, no_search_r = results
-    assert good_r.total == 1.0 and good_r.stages == {"format": 1.0, "tool_call": 1.0, "judge": 1.0}
-    assert partial_r.total == pytest.approx(1.0 - partial_r.weights["judge"] * 0.6)
-    assert broken_r.total == 0.0 and broken_r.stages["judge"] is None  # gated off: the judge is not asked
-    assert garbage_r.total is None and garbage_r.stages["judge"] is None  # unscored, never 0
-    assert no_search_r.total == pytest.approx(no_search_r.weights["format"])
-    assert len(server.requests) == 3 and judge.stats["unparseable"] == 1
-    assert not any(think in prompt or tool_text in prompt for prompt in server.prompts())
-    weights = stage_weights(0, 10, prs.LONG_FORM_START, prs.LONG_FORM_END)
-    assert max(weights, key=weights.get) == "format"
-    end = stage_weights(9, 10, prs.LONG_FORM_START, prs.LONG_FORM_END)
-    assert max(end, key=end.get) == "judge" and sum(end.values()) == pytest.approx(1.0)
-
-
-def test_binary_longform_reward_thresholds_the_judge(chat_server):
-    server = chat_server(score_in_answer)
-    responses = ["<answer>s7</answer>", "<answer>s6</answer>", "<answer>garbage</answer>", "<answer></answer>",
-                 "no answer"]
-    results = binary_longform_rewards(responses, ["Q?"] * 5, ["R."] * 5, make_judge(server))
-    assert [r.total for r in results] == [1.0, 0.0, None, 0.0, 0.0]
-    assert len(server.requests) == 3  # empty and missing answers are not sent
 
 
 # ----------------------------------------------------------------------------------------------------------------------

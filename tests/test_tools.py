@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tools
-from tools import (BM25Search, SearchR1Client, calculate, calculator_tool, execute, find_tool_calls,
+from tools import (SearchR1Client, calculate, calculator_tool, execute, find_tool_calls,
                    parse_tool_call, search_tool)
 
 

@@ -2,6 +2,7 @@
 errors. Runs go through `main(argv)` in-process (the same code path as the command line, without re-importing torch
 each time); the command-line tests run real subprocesses."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -18,6 +19,8 @@ import torch
 import eval as evaluation
 import models
 import rollout
+import run_folder
+import settings
 import train
 from cli import parse
 
@@ -137,12 +140,12 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(vspo_ru
     with pytest.raises(KeyboardInterrupt):
         train.main(["--resume", str(run), "--steps", "3"])
     monkeypatch.undo()
-    latest = train.find_checkpoint(str(run))
+    latest = run_folder.find_checkpoint(str(run))
     assert latest.name == "step-000002" and (latest / "model.safetensors").read_bytes() == before
     assert not (run / "checkpoints" / "step-000003").exists()
     models.load_model(str(latest))
     train.main(["--resume", str(run), "--steps", "3"])  # and the run goes on from there
-    assert train.find_checkpoint(str(run)).name == "step-000003"
+    assert run_folder.find_checkpoint(str(run)).name == "step-000003"
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
@@ -158,7 +161,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_latest_checkpoint(tiny_agent, t
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    latest = train.find_checkpoint(str(tmp_path))
+    latest = run_folder.find_checkpoint(str(tmp_path))
     models.load_model(str(latest))
     json.loads((latest / "trainer_state.json").read_text())
     torch.load(latest / "optimizer.pt", weights_only=False)
@@ -179,9 +182,9 @@ def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
 
 def test_checkpointing_reaches_the_policy_and_the_prm_it_trains(tiny_agent, tmp_path):
     # transformers checkpoints a layer only in training mode: the PRM, trained every step, must be in it.
-    args = parse(train.Args, small(tiny_agent, tmp_path, "--credit", "istar", "--gradient-checkpointing", "on"))
-    policy, _, _, _, state, *_ = train.setup(args)
-    assert rollout._checkpointing(policy) and rollout._checkpointing(state.prm.model) and state.prm.model.training
+    args = parse(settings.TrainArgs, small(tiny_agent, tmp_path, "--credit", "istar", "--gradient-checkpointing", "on"))
+    run, _ = train.setup(args)
+    assert rollout._checkpointing(run.policy) and rollout._checkpointing(run.prm.model) and run.prm.model.training
 
 
 def test_plot_only_redraws_the_curves(vspo_run, tmp_path):
@@ -255,7 +258,8 @@ def test_eval_prints_and_writes_its_table(tiny_agent, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["wiki"]["questions"] == 3 and set(metrics) == {"wiki", "fanoutqa"}
     records = [json.loads(line) for line in (tmp_path / "wiki.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and {"question", "gold", "answer", "em", "f1", "stop_reason", "response"} <= set(records[0])
+    assert len(records) == 3
+    assert {"question", "gold", "answer", "em", "f1", "stop_reason", "response"} <= set(records[0])
 
 
 def test_eval_on_search_r1_files_reports_each_dataset_and_the_average(tiny_agent, tmp_path, capsys):
@@ -283,7 +287,7 @@ def run_cli(*arguments):
 def test_help_explains_every_flag():
     result = run_cli("train.py", "--help")
     assert result.returncode == 0
-    for field in train.fields(train.Args):
+    for field in dataclasses.fields(settings.TrainArgs):
         flag = "--" + field.name.replace("_", "-")
         assert flag in result.stdout, flag
     assert "(default: 5)" in result.stdout  # the group size, with its default

@@ -1,0 +1,281 @@
+"""What a training run leaves in its output folder, and how a run reads it back: the logs, the curves, checkpoints.
+
+    runs/default/
+        args.json                   the run's settings (the judge's API key blanked)
+        metrics.jsonl               one row per step: {"step": N, "reward": ..., ...}; step 0 is the evaluation before
+        samples.jsonl               a few trajectories per step, for reading what the agent wrote
+        training_curves.png         redrawn at every checkpoint, or by `python train.py --plot-only runs/default`
+        tensorboard/                when tensorboard is installed
+        judge_cache.jsonl           the judge's verdicts, for long-form tasks
+        checkpoints/latest          the name of the newest whole checkpoint
+        checkpoints/step-000008/    a save_pretrained folder (transformers and vLLM load it as it is), plus
+                                    trainer_state.json (step, data position, value buffer, settings: JSON),
+                                    optimizer.pt (optimizer and RNG states: tensors), and prm/ for iStar
+
+Checkpoints are written atomically: into a temporary folder that is renamed into place, after which `latest` is
+switched, so a kill at any moment leaves `latest` on a whole checkpoint. Nothing here knows the algorithm: train.py
+says what goes into trainer_state.json and optimizer.pt and puts it back on resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from cli import UsageError
+from data import PromptStream
+from eval import mean_of
+from vspo import ValueBuffer
+
+
+def saved_args(args) -> dict:
+    """A run's settings as written to disk (args.json, trainer_state.json, wandb): everything but the API key."""
+    return asdict(args) | {"judge_api_key": ""}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ----------------------------------------------------------------------------------------------------------------------
+def checkpoint_to_resume(args) -> Path | None:
+    """The checkpoint that --resume names (None for a new run), after checking that the run can start from it, and
+    that a new run does not write over an earlier one."""
+    checkpoint = find_checkpoint(args.resume) if args.resume else None
+    output = Path(args.output_dir)
+    if checkpoint is None and ((output / "metrics.jsonl").exists() or (output / "checkpoints").exists()):
+        raise UsageError(f"--output-dir {output} holds an earlier run: continue it with --resume {output}, or "
+                         f"choose another --output-dir")
+    if checkpoint is not None and args.credit == "istar" and not (checkpoint / "prm").exists():
+        raise UsageError(f"--resume {checkpoint}: trained with --credit outcome, it has no implicit PRM to resume "
+                         f"with --credit istar")
+    return checkpoint
+
+
+def save(run, state) -> Path:
+    """Write <output_dir>/checkpoints/step-NNNNNN atomically for train.py's Run and State, switch `latest` to it, and
+    delete all but the --keep-checkpoints newest. `restore` puts back everything it holds."""
+    root = Path(run.args.output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    run.policy.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": run.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "generator": state.generator.get_state(),
+                "prm_optimizer": run.prm.state_dict() if run.prm else None}, tmp / "optimizer.pt")
+    trainer_state = {"step": state.step, "stream": state.stream.state_dict(), "buffer": state.buffer.state_dict(),
+                     "rng": state.rng.bit_generator.state, "args": saved_args(run.args)}
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    if run.prm:  # a loadable model folder of its own
+        run.prm.model.save_pretrained(tmp / "prm")
+        run.tokenizer.save_pretrained(tmp / "prm")
+    if final.exists():  # a checkpoint of this step from a run that went back: set it aside first, atomically
+        os.replace(final, tmp.with_name(tmp.name + "-replaced"))
+    os.replace(tmp, final)
+    _write_atomically(root / "latest", final.name)
+    older = sorted((p for p in root.glob("step-*") if _step_of(p) < state.step), key=_step_of)
+    for stale in older[:max(0, len(older) - (run.args.keep_checkpoints - 1))] + list(root.glob(".tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # old checkpoints, and leftovers of runs killed mid-write
+    return final
+
+
+def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
+    """Load a checkpoint's optimizer, RNG, data position and value buffer into a fresh run's state. Flags given on
+    the command line win over saved settings: the learning rate, weight decay and buffer smoothing come from args."""
+    saved = read_json(checkpoint / "trainer_state.json")
+    tensors = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(tensors["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    torch.set_rng_state(tensors["torch_rng"])
+    if tensors["cuda_rng"]:
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+    state.generator.set_state(tensors["generator"])
+    if prm:
+        prm.load_state_dict(tensors["prm_optimizer"])
+        for group in prm.optimizer.param_groups:
+            group["lr"] = args.istar_lr
+    state.step = saved["step"]
+    state.stream = PromptStream(state.stream.examples, state.stream.seed, **saved["stream"])
+    state.buffer = ValueBuffer.from_state_dict(saved["buffer"] | {"ema_alpha": args.value_ema})
+    state.rng.bit_generator.state = saved["rng"]
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(resume: str) -> Path:
+    """A checkpoint folder, or the latest checkpoint under an output folder."""
+    path = Path(resume)
+    if (path / "trainer_state.json").exists():
+        return path
+    latest = path / "checkpoints" / "latest"
+    checkpoint = path / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+    if checkpoint and (checkpoint / "trainer_state.json").exists():
+        return checkpoint
+    raise UsageError(f"--resume {resume}: no checkpoint there (expected a checkpoint folder with "
+                     f"trainer_state.json, or an output folder with checkpoints/latest)")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: unreadable ({error})") from None
+
+
+def resumed_args(args, argv: list[str]):
+    """With --resume, the run's saved settings, overridden by the flags given on this command line (e.g. --steps to
+    train further). The run goes on in the output folder the checkpoint is in, unless --output-dir says otherwise."""
+    checkpoint = find_checkpoint(args.resume)
+    saved = read_json(checkpoint / "trainer_state.json")["args"]
+    given = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
+    given |= {name.removeprefix("no_") for name in given}
+    names = {f.name for f in fields(args)}
+    merged = {name: value for name, value in saved.items() if name in names}
+    if checkpoint.parent.name == "checkpoints":  # <output_dir>/checkpoints/step-NNNNNN, wherever it was moved
+        merged["output_dir"] = str(checkpoint.parent.parent)
+    elif "output_dir" not in given:
+        raise UsageError(f"--resume {args.resume}: this checkpoint is not inside an output folder's checkpoints/; "
+                         f"say where the run goes on with --output-dir")
+    merged |= {name: getattr(args, name) for name in names if name in given or name == "resume"}
+    return type(args)(**merged)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logs: metrics.jsonl, samples.jsonl, TensorBoard, wandb
+# ----------------------------------------------------------------------------------------------------------------------
+class Logger:
+    def __init__(self, folder: Path, args, start_step: int):
+        self.folder = folder
+        self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
+        for path in (self.metrics_path, self.samples_path):  # a resumed run rewrites what came after its checkpoint
+            if path.exists():
+                rows = [row for row in read_jsonl(path) if row["step"] <= start_step]
+                path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        self.tensorboard = self.wandb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="agentic-rl", config=saved_args(args), dir=str(folder))
+
+    def log(self, step: int, metrics: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            if self.tensorboard and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def samples(self, step: int, groups, count: int) -> None:
+        """The first `count` trajectories of the step's groups, with their rewards, into samples.jsonl."""
+        rows = [{"step": step, "question": g.example.question, "gold": list(g.example.answers), "reward": r.total,
+                 "stages": r.stages, "stop_reason": t.stop_reason, "response": t.text}
+                for g in groups for t, r in zip(g.trajectories, g.results)][:count]
+        with open(self.samples_path, "a") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def step_metrics(trained, everything, stats: dict, update_stats: dict, rollout_seconds: float,
+                 prompts_per_step: int) -> dict:
+    """One row of metrics.jsonl: means over every trajectory rolled out this step (replacements included) of the
+    reward, its stages, EM, answers and tool calls; the replacement counts; then the update's diagnostics."""
+    every = [(t, r) for g in everything for t, r in zip(g.trajectories, g.results)]
+    metrics = {"reward": mean_of(r.total for _, r in every), "exact_match": mean_of(r.exact_match for _, r in every),
+               "answered": mean_of(t.answer is not None for t, _ in every)}
+    for stage in sorted({s for _, r in every for s in r.stages}):
+        metrics[f"stage_{stage}"] = mean_of(r.stages.get(stage) for _, r in every)
+    sampled = sum(sum(t.loss_mask) for t, _ in every)
+    metrics |= {"dead_fraction": stats["dead_fraction"],
+                "extra_rollouts_per_prompt": stats["extra_rollouts"] / prompts_per_step,
+                "replayed_prompts": stats["replayed"], "unscored": stats["unscored"],
+                "trained_on": sum(len(g.scored()) for g in trained),
+                "response_tokens": sampled / max(len(every), 1),
+                "tool_calls": mean_of(len(t.tool_calls) for t, _ in every),
+                "rollout_tokens_per_s": sampled / max(rollout_seconds, 1e-9)}
+    return metrics | update_stats
+
+
+def postfix(metrics: dict) -> dict:
+    """The figures shown on the progress bar."""
+    shown = {"reward": "reward", "fmt": "stage_format", "tool": "stage_tool_call", "ans": "stage_answer",
+             "em": "exact_match", "dead": "dead_fraction", "extra": "extra_rollouts_per_prompt", "kl": "kl_ref",
+             "clip": "clip_fraction", "tok/s": "rollout_tokens_per_s"}
+    return {short: f"{metrics[name]:.3g}" for short, name in shown.items() if metrics.get(name) is not None}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a jsonl log; a last line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The curves
+# ----------------------------------------------------------------------------------------------------------------------
+PLOTS = (  # panel title -> metrics drawn in it
+    ("reward", ("reward", "stage_format", "stage_tool_call", "stage_evidence", "stage_answer", "stage_judge")),
+    ("answers and calls (training rollouts)", ("exact_match", "answered", "tool_calls")),
+    ("evaluation (greedy, held out)", ("eval_em", "eval_f1", "eval_format", "eval_answered", "eval_la_bleu")),
+    ("dead groups and replacements", ("dead_fraction", "extra_rollouts_per_prompt")),
+    ("policy update", ("kl_ref", "approx_kl", "clip_fraction")),
+    ("response length (tokens)", ("response_tokens",)),
+)
+
+
+def plot(folder: Path) -> Path:
+    """Draw the training curves of metrics.jsonl into training_curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not (folder / "metrics.jsonl").exists():
+        raise UsageError(f"--plot-only {folder}: no metrics.jsonl there")
+    rows = read_jsonl(folder / "metrics.jsonl")
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for axis, (title, names) in zip(axes.flat, PLOTS):
+        for name in names:
+            points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
+            if points:
+                axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=name)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = folder / "training_curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
