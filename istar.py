@@ -267,7 +267,7 @@ class ImplicitPRM:
         self.model = model
         self.beta, self.threshold, self.max_grad_norm, self.temperature = beta, threshold, max_grad_norm, temperature
         self.logprobs_fn = logprobs_fn or _response_logprobs_at(temperature)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
     @classmethod
     def from_policy(cls, policy, **settings) -> ImplicitPRM:

@@ -14,7 +14,10 @@ The loop, in rounds:
      tokenized on its own and appended with loss mask 0; the others are finished;
   3. repeat with the trajectories that are still active.
 The system message and worked example open every prompt; their keys and values are computed once per rollout and
-shared by every row (on a CPU that prefix is most of the prompt's cost).
+shared by every row (on a CPU that prefix is most of the prompt's cost). Each trajectory keeps the keys and values
+of everything it has encoded from one round to the next (`RowCache`), so a round encodes only what is new: the tool
+response and the last sampled token. Rows leave and rejoin the batch freely; each round lays the kept caches out
+side by side again (`batch_cache`), with padding the attention mask hides.
 
 Token-in, token-out: the sampled ids are kept exactly as they were sampled; only the new tool text is tokenized.
 Sampled text is never decoded and re-encoded (peers' mask and drift bugs, METHOD.md §6).
@@ -23,20 +26,19 @@ Every trajectory records what METHOD.md §1.3 lists: ids, loss mask, sampling lo
 segment ("step", used by iStar), each tool call with its parse status and response, the final answer, why it
 stopped, and its group id.
 
-`response_logprobs` recomputes per-token log-probs of the response tokens with any model (the policy for the ratio,
-a reference model for KL, the implicit PRM for iStar) in one forward pass, and `recompute_logprobs` does it without
+`response_logprobs` recomputes the log-probs of the sampled tokens with any model (the policy for the ratio, a
+reference model for KL, the implicit PRM for iStar) in one forward pass, and `recompute_logprobs` does it without
 gradients in micro-batches.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 import tools as tool_lib
 from data import Example
@@ -71,6 +73,10 @@ class RolloutConfig:
     refill_below: float = 0.25
     """a round stops early once fewer than this fraction of its rows are still sampling while others wait to go on
     after a tool call; the unfinished segments continue in the next round with them (0: every round runs to the end)"""
+    keep_cache: bool = True
+    """keep each trajectory's keys and values from one round to the next, so a round encodes only what is new (the
+    tool response, the last sampled token); False encodes each trajectory's whole context again every round (the
+    simpler path, which tests compare this one with)"""
 
 
 @dataclass
@@ -190,15 +196,43 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def prefix_cache(model, prefix_ids: torch.Tensor, rows: int, encoded=None):
-    """Keys and values of a shared prefix [1, P] repeated for `rows` rows: computed here, or copied from `encoded`
-    (an earlier call's result for one row). Differentiable when gradients are enabled (the update backpropagates
-    through the shared prefix once, not once per row)."""
+    """Keys and values of a shared prefix [1, P] for `rows` rows: computed here, or taken from `encoded` (an earlier
+    call's result). The rows are views of one copy (expand), so the prefix is stored once; with gradients enabled,
+    backpropagation reaches the prefix once, not once per row."""
     if encoded is None:
-        cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
-    else:
-        cache = copy.deepcopy(encoded)
-    cache.batch_repeat_interleave(rows)
-    return cache
+        encoded = model(input_ids=prefix_ids, use_cache=True).past_key_values
+    return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                        for layer in encoded.layers])
+
+
+def encode_prefix(model, batch: TokenBatch):
+    """The keys and values of a batch's shared prompt prefix (a cache of one row), to be reused by response_logprobs
+    over the batch's micro-batches; None where it would not be used (no shared prefix, or a model in training mode
+    with activation checkpointing)."""
+    if not batch.prefix_length or (model.training and _checkpointing(model)):
+        return None
+    return prefix_cache(model, batch.input_ids[:1, :batch.prefix_length].to(model.device), rows=1)
+
+
+class SharedPrefix:
+    """The shared prompt prefix of a mini-batch, encoded once with gradients and read by all its micro-batches.
+
+    The micro-batches read `cache`, leaf copies of the prefix's keys and values: each micro-batch's backward pass
+    stops there and adds its gradient to theirs. `backward()`, after the last micro-batch, sends the sum through the
+    prefix's encoding once, instead of once per micro-batch (the same gradient, up to float rounding).
+    """
+
+    def __init__(self, model, batch: TokenBatch):
+        encoded = encode_prefix(model, batch)  # with its graph, or None
+        self.encoded = [] if encoded is None else [t for layer in encoded.layers for t in (layer.keys, layer.values)]
+        self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in self.encoded]
+        self.cache = None if encoded is None else DynamicCache(
+            ddp_cache_data=list(zip(self.leaves[0::2], self.leaves[1::2])))
+
+    def backward(self) -> None:
+        pairs = [(encoded, leaf.grad) for encoded, leaf in zip(self.encoded, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([encoded for encoded, _ in pairs], [grad for _, grad in pairs])
 
 
 class Segment:
@@ -244,27 +278,160 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [batch]
 
 
+class RowCache(NamedTuple):
+    """The keys and values one row has encoded after the shared prompt prefix, kept from one round to the next so
+    that a round encodes only what is new (a tool response, the last sampled token). Per layer, [heads, n, dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys and values [B, H, T, D], written into preallocated room: a decode step copies its one new
+    token in place, where transformers' DynamicLayer concatenates, copying the whole cache every step (a fifth of a
+    step's time at 16 rows of 700 tokens on a CPU). `keys` and `values` are views of the filled part."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.room_keys, self.room_values = keys, values  # [B, H, capacity, D]
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._fill(length)
+
+    def _fill(self, length: int) -> None:
+        self.keys, self.values = self.room_keys[:, :, :length], self.room_values[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
+        if end > self.room_keys.shape[2]:  # out of room: twice as much
+            self.room_keys = torch.cat([self.room_keys, torch.empty_like(self.room_keys)], dim=2)
+            self.room_values = torch.cat([self.room_values, torch.empty_like(self.room_values)], dim=2)
+        self.room_keys[:, :, start:end] = key_states
+        self.room_values[:, :, start:end] = value_states
+        self._fill(end)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        length = self.keys.shape[2]
+        self.room_keys, self.room_values = self.room_keys[indices], self.room_values[indices]
+        self._fill(length)
+
+
+def batch_cache(prefix, rows: Sequence[RowCache | None], prefix_length: int, room: int):
+    """A batch's cache and its attention mask [batch, P + W]: the shared prefix's keys and values (a cache of one row,
+    or None when P = 0) in every row, then each row's kept keys and values right-aligned, W the longest of them, and
+    room for `room` more tokens per row.
+
+    Row layout: [shared prefix | padding | kept tokens], the layout of pad_batch, so positions come from the mask."""
+    lengths = [row.length if row else 0 for row in rows]
+    width = max(lengths)
+    mask = torch.zeros((len(rows), prefix_length + width), dtype=torch.long)  # [B, P + W]
+    mask[:, :prefix_length] = 1
+    for i, length in enumerate(lengths):
+        mask[i, prefix_length + width - length:] = 1
+    if prefix is None and width == 0:
+        return DynamicCache(), mask
+    kept = next(row for row in rows if row and row.length) if width else None
+    layers = []
+    for layer in range(len(prefix.layers) if prefix is not None else len(kept.keys)):
+        pair = []
+        for name in ("keys", "values"):
+            template = getattr(prefix.layers[layer], name)[0] if prefix is not None else getattr(kept, name)[layer]
+            heads, _, dim = template.shape
+            tensor = template.new_zeros((len(rows), heads, prefix_length + width + room, dim))  # [B, H, capacity, D]
+            if prefix is not None:
+                tensor[:, :, :prefix_length] = getattr(prefix.layers[layer], name)  # [1, H, P, D] to every row
+            for i, row in enumerate(rows):
+                if lengths[i]:
+                    tensor[i, :, prefix_length + width - lengths[i]:prefix_length + width] = getattr(row, name)[layer]
+            pair.append(tensor)
+        layers.append(GrowingLayer(*pair, length=prefix_length + width))
+    return Cache(layers=layers), mask
+
+
+def row_cache(cache, mask: torch.Tensor, row: int, prefix_length: int) -> RowCache:
+    """Row `row`'s keys and values after the shared prefix, without its padding (`mask` [B, T] matches the cache)."""
+    own = mask[row, prefix_length:].bool()  # [T - P]
+    return RowCache([layer.keys[row, :, prefix_length:][:, own] for layer in cache.layers],
+                    [layer.values[row, :, prefix_length:][:, own] for layer in cache.layers])
+
+
+def length_groups(lengths: Sequence[int], waste: float = 0.25, slack: int = 64) -> list[list[int]]:
+    """Indices grouped for padded batches: longest first, a group taking the next index while its padding stays
+    within `waste` of its real tokens, or within `slack` tokens (a forward pass of its own costs more than that).
+
+    >>> length_groups([150, 1, 160, 140, 2, 3])
+    [[2, 0, 3], [5, 4, 1]]
+    """
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else []
+        padded, real = lengths[group[0]] * (len(group) + 1) if group else 0, sum(lengths[j] for j in group + [i])
+        if group and padded - real <= max(waste * real, slack):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def encode(model, contexts: Sequence[Sequence[int]], kept: list[RowCache | None], prefix, prefix_length: int,
+           pad_id: int) -> list[RowCache | None]:
+    """Each context's keys and values after the prefix, for all of it but its last token (the one the first decode
+    step feeds): `kept` reused, the rest computed, rows of similar lengths together so that little is padding."""
+    done = [row.length if row else 0 for row in kept]
+    todo = [len(context) - 1 - prefix_length - d for context, d in zip(contexts, done)]  # tokens each row must encode
+    for group in length_groups([max(n, 0) for n in todo]):
+        group = [i for i in group if todo[i] > 0]
+        if not group:
+            continue
+        new_ids, new_mask = pad_batch([contexts[i][prefix_length + done[i]:-1] for i in group], pad_id)  # [g, n]
+        cache, mask = batch_cache(prefix, [kept[i] for i in group], prefix_length, room=new_ids.shape[1])
+        mask = torch.cat([mask, new_mask], dim=1).to(model.device)  # [g, P + W + n]
+        model(input_ids=new_ids.to(model.device), attention_mask=mask, past_key_values=cache, use_cache=True,
+              position_ids=positions(mask)[:, -new_ids.shape[1]:], logits_to_keep=1)
+        for j, i in enumerate(group):
+            kept[i] = row_cache(cache, mask, j, prefix_length)
+    return kept
+
+
 @torch.no_grad()
 def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segments: Sequence[Segment],
-                      config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=()) -> None:
+                      config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=(),
+                      kept: Sequence[RowCache | None] | None = None) -> list[RowCache]:
     """One round: every context samples the continuation of its segment, all together with a KV cache.
 
-    Adds to each segment the sampled tokens and log π(token) under the tempered policy softmax(logits / T), recorded
-    before any `logits_processors` (callables (ids [batch, width], scores [batch, vocab]) -> scores, as in
-    transformers) so they are the model's own. A row whose segment ends leaves the batch at once. Once fewer than
-    `config.refill_below` of the rows are still sampling while others wait to go on after a tool call, the round
-    stops: the unfinished segments continue in the next round, together with those, instead of decoding a long tail
-    at batch size 1 or 2. The first `prefix_length` tokens must be the same in every context; their keys and values
-    are `prefix` (a cache of one row, from prefix_cache) when given, else computed once here.
+    First every context's new tokens are encoded (`encode`, rows of similar lengths together); then all rows decode
+    together, one token per step. Adds to each segment the sampled tokens and log π(token) under the tempered policy
+    softmax(logits / T), recorded before any `logits_processors` (callables (ids [batch, width], scores [batch,
+    vocab]) -> scores, as in transformers; they see each row's whole context) so they are the model's own. A row
+    whose segment ends leaves the batch at once. Once fewer than `config.refill_below` of the rows are still
+    sampling while others wait to go on after a tool call, the round stops: the unfinished segments continue in the
+    next round, together with those, instead of decoding a long tail at batch size 1 or 2.
+
+    The first `prefix_length` tokens must be the same in every context; their keys and values are `prefix` (a cache
+    of one row, from prefix_cache), or are computed once here. `kept[i]` holds the keys and values of context i's
+    tokens after the prefix that an earlier round already encoded (None: none); only the rest of the context is
+    encoded. Returns every row's keys and values after the prefix at the end of the round: all of its context but
+    the last sampled token, whose keys and values the next round computes.
     """
-    ids, mask = (t.to(model.device) for t in pad_batch(contexts, tokenizer.pad_token_id, prefix_length))
-    cache = prefix_cache(model, ids[:1, :prefix_length], len(contexts), prefix) if prefix_length else DynamicCache()
-    step_ids, step_positions = ids[:, prefix_length:], positions(mask)[:, prefix_length:]  # first step: own tokens
+    if prefix is None and prefix_length:
+        prefix = prefix_cache(model, torch.tensor([contexts[0][:prefix_length]], device=model.device), rows=1)
+    kept = encode(model, contexts, list(kept) if kept is not None else [None] * len(contexts), prefix, prefix_length,
+                  tokenizer.pad_token_id)
+    cache, mask = batch_cache(prefix, kept, prefix_length, room=config.max_new_tokens + 1)  # [B, P + W]
+    step_ids = torch.tensor([[context[-1]] for context in contexts], device=model.device)  # [B, 1]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1).to(model.device)  # [B, P + W + 1]
+    step_positions = mask.sum(dim=1, keepdim=True) - 1  # [B, 1]
+    ids = pad_batch(contexts, tokenizer.pad_token_id, prefix_length)[0].to(model.device)  # what processors see
     temperature = config.temperature or 1.0
     rows = list(range(len(contexts)))  # index in `segments` of each row still sampling
+    out: list[RowCache | None] = [None] * len(contexts)
     while rows:
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # [active, vocab]
+                       use_cache=True).logits[:, -1].float()  # [active, vocab]
         logprobs = torch.log_softmax(logits / temperature, dim=-1)  # [active, vocab]
         scores = logits
         for processor in logits_processors:
@@ -274,17 +441,23 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
         keep = [i for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), token_logprobs.tolist()))
                 if not segments[row].add(token, logprob)]
         waiting = sum(segment.reason == "tool_call" for segment in segments)
-        if waiting and len(keep) < config.refill_below * len(contexts):
-            return
-        step_positions = mask.sum(dim=1, keepdim=True)  # [active, 1] the new token's position
+        pause = waiting and len(keep) < config.refill_below * len(contexts)
+        staying = set(keep)
+        for i, row in enumerate(rows):
+            if pause or i not in staying:  # leaving the batch: keep what it encoded for the next round
+                out[row] = row_cache(cache, mask, i, prefix_length)
+        if pause:
+            return out
+        step_positions = step_positions + 1  # [active, 1] the new token's position
         ids = torch.cat([ids, tokens[:, None]], dim=1)  # [active, width + 1]
-        mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)  # [active, width + 1]
+        mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)  # [active, P + W + steps + 1]
         step_ids = tokens[:, None]  # [active, 1]
         if len(keep) < len(rows):
             index = torch.tensor(keep, dtype=torch.long, device=ids.device)
             cache.batch_select_indices(index)
             ids, mask, step_ids, step_positions = ids[index], mask[index], step_ids[index], step_positions[index]
             rows = [rows[i] for i in keep]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -309,6 +482,7 @@ def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, t
     prefix = prefix_cache(model, prefix_ids, rows=1) if prefix_length else None  # encoded once per rollout
     eos_ids = _eos_ids(model, tokenizer)
     open_segments: dict[int, Segment] = {}  # trajectory index -> the segment it is sampling
+    kept: dict[int, RowCache] = {}  # trajectory index -> the keys and values it has encoded so far
     while active := [i for i, t in enumerate(trajectories) if not t.done]:
         for start in range(0, len(active), config.batch_size):
             chunk = active[start:start + config.batch_size]
@@ -318,11 +492,15 @@ def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, t
                 open_segments.setdefault(i, Segment(tokenizer, budget, eos_ids))
             contexts = [trajectories[i].prompt_ids + trajectories[i].response_ids + open_segments[i].ids
                         for i in chunk]
-            generate_segments(model, tokenizer, contexts, [open_segments[i] for i in chunk], config, prefix_length,
-                              prefix, logits_processors)
-            for i in chunk:
+            encoded = generate_segments(model, tokenizer, contexts, [open_segments[i] for i in chunk], config,
+                                        prefix_length, prefix, logits_processors, [kept.get(i) for i in chunk])
+            for i, encoded_i in zip(chunk, encoded):
                 if open_segments[i].reason is not None:
                     _continue(trajectories[i], open_segments.pop(i), tokenizer, tools, config)
+                if config.keep_cache and not trajectories[i].done:
+                    kept[i] = encoded_i
+                else:
+                    kept.pop(i, None)
     for trajectory in trajectories:
         trajectory.text = tokenizer.decode(trajectory.response_ids, skip_special_tokens=True)
         trajectory.answer = tool_lib.extract_answer(trajectory.text) if trajectory.stop_reason == "answer" else None
@@ -428,42 +606,43 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
 
 
 def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_entropy: bool = False,
-                      share_prefix: bool = True):
-    """log π(response token j | everything before it) for every row and j: [N, R] (0 where response_mask is 0),
-    with gradients if enabled; also the per-token entropy [N, R] when asked.
+                      share_prefix: bool = True, prefix=None):
+    """log π(y_j | everything before it) for every token y_j the policy sampled (loss_mask 1): [N, R], column j =
+    response token j, 0 on tool-response tokens and padding; with gradients if enabled. Also the per-token entropy of
+    π at those tokens [N, R] when asked.
 
-    Only the last R + 1 positions' logits are computed (the prompt's are not needed). With `share_prefix`, the
-    batch's shared prompt prefix is encoded once and its keys and values reused by every row; the result is the
-    same as one full forward pass (a test checks it). It is off for a model in training mode with gradient
-    checkpointing, where transformers drops the cache a forward pass is given.
+    The transformer runs over every token (tool responses are context), but the output layer and the softmax over
+    the vocabulary only at the positions that predict a sampled token: the prompt's and the tool responses' logits
+    are never computed. With `share_prefix`, the batch's shared prompt prefix is encoded once and its keys and values
+    reused by every row; the result is the same as one full forward pass (a test checks it). It is off for a model in
+    training mode with activation checkpointing, where transformers drops the cache a forward pass is given.
+    `prefix` (from encode_prefix) saves encoding the prefix again when the batch is one micro-batch of a larger one.
     """
     if model.training and _checkpointing(model):
         share_prefix = False
-    lengths = batch.response_mask.sum(dim=1)  # [N]
-    width = batch.response_ids.shape[1]  # R
     start = batch.prefix_length if share_prefix else 0
-    cache = prefix_cache(model, batch.input_ids[:1, :start], len(batch)) if start else None
-    logits = model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                   position_ids=positions(batch.attention_mask)[:, start:], past_key_values=cache,
-                   use_cache=cache is not None, logits_to_keep=width + 1).logits  # [N, R+1, V]
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # [N, R+1, V]
-    # Column c of the kept logits predicts input token L - R + c; the last column predicts nothing (target 0 there).
+    cache = prefix_cache(model, batch.input_ids[:1, :start], len(batch), prefix) if start else None
+    hidden = model.base_model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
+                              position_ids=positions(batch.attention_mask)[:, start:], past_key_values=cache,
+                              use_cache=cache is not None).last_hidden_state  # [N, L - start, H]
+    rows, columns = batch.loss_mask.nonzero(as_tuple=True)  # [K], [K]: every sampled token
+    # Row r's response token j sits at input position L - n_r + j (responses are right-aligned in input_ids); the
+    # output one position earlier predicts it. n_r: the row's response length.
+    lengths = batch.response_mask.sum(dim=1)  # [N]
+    predicting = hidden.shape[1] - lengths[rows] + columns - 1  # [K]
+    logits = model.get_output_embeddings()(hidden[rows, predicting]).float() / temperature  # [K, V]
     # cross_entropy is -log_softmax gathered at the target, fused: much less memory traffic over the vocabulary.
-    targets = torch.nn.functional.pad(batch.input_ids[:, -width:], (0, 1))  # [N, R+1]
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")  # [N*(R+1)]
-    right_aligned = -nll.view(len(batch), width + 1)[:, :-1]  # [N, R]
-    # Row r's response token j sits at input position L - n_r + j, i.e. column R - n_r + j: re-align to column j.
-    columns = (width - lengths[:, None] + torch.arange(width, device=lengths.device)[None, :]).clamp(max=width - 1)
-    valid = batch.response_mask.bool()  # [N, R]
-    token_logprobs = torch.where(valid, right_aligned.gather(1, columns), torch.zeros_like(right_aligned))  # [N, R]
+    nll = torch.nn.functional.cross_entropy(logits, batch.response_ids[rows, columns], reduction="none")  # [K]
+    token_logprobs = torch.zeros(batch.response_ids.shape, dtype=nll.dtype, device=nll.device)  # [N, R]
+    token_logprobs = token_logprobs.index_put((rows, columns), -nll)  # [N, R]
     if not with_entropy:
         return token_logprobs
-    with torch.no_grad():  # a diagnostic: no gradient, no graph kept; a row at a time, so [n, V] of extra memory
-        entropy = torch.zeros_like(token_logprobs)  # [N, R]
-        for row, n in enumerate(lengths.tolist()):
-            logp = torch.log_softmax(logits[row, width - n:width], dim=-1)  # [n, V], right-aligned like the targets
-            entropy[row, :n] = -(logp.exp() * logp).sum(dim=-1)  # [n]
-    return token_logprobs, entropy
+    with torch.no_grad():  # a diagnostic: no gradient, no graph kept; 1024 tokens at a time bound its memory
+        entropy = torch.zeros(len(rows), dtype=logits.dtype, device=logits.device)  # [K]
+        for first in range(0, len(rows), 1024):
+            logp = torch.log_softmax(logits[first:first + 1024], dim=-1)  # [k, V]
+            entropy[first:first + 1024] = -(logp.exp() * logp).sum(dim=-1)  # [k]
+    return token_logprobs, torch.zeros_like(token_logprobs).index_put((rows, columns), entropy)  # [N, R], [N, R]
 
 
 def _checkpointing(model) -> bool:
@@ -476,11 +655,12 @@ def _checkpointing(model) -> bool:
 def recompute_logprobs(model, batch: TokenBatch, micro_batch_size: int = 8, temperature: float = 1.0,
                        share_prefix: bool = True) -> torch.Tensor:
     """[N, R] log-probs of the response tokens under `model`, without gradients, `micro_batch_size` rows at a time
-    (on the CPU, whatever the model's device)."""
+    (on the CPU, whatever the model's device); the shared prompt prefix is encoded once for all of them."""
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)  # [N, R]
     device = next(model.parameters()).device
+    prefix = encode_prefix(model, batch) if share_prefix else None
     for start in range(0, len(batch), micro_batch_size):
         micro = batch[start:start + micro_batch_size].to(device)
-        logprobs = response_logprobs(model, micro, temperature, share_prefix=share_prefix)  # [n, r]
+        logprobs = response_logprobs(model, micro, temperature, share_prefix=share_prefix, prefix=prefix)  # [n, r]
         out[start:start + len(micro), :logprobs.shape[1]] = logprobs.float().cpu()
     return out

@@ -24,6 +24,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -188,6 +190,19 @@ class Logger:
         if self.wandb:
             self.wandb.log(metrics, step=step)
 
+    def amend(self, step: int, metrics: dict) -> None:
+        """Add `metrics` to the last row of metrics.jsonl (step `step`), atomically: the file is rewritten and renamed
+        into place, so a kill leaves the row with or without them, never half."""
+        rows = read_jsonl(self.metrics_path)
+        assert rows and rows[-1]["step"] == step, "amend the row just logged"
+        rows[-1] |= metrics
+        _write_atomically(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        for name, value in metrics.items():
+            if self.tensorboard:
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
     def samples(self, step: int, groups, count: int) -> None:
         """The first `count` trajectories of the step's groups, with their rewards, into samples.jsonl."""
         rows = [{"step": step, "question": g.example.question, "gold": list(g.example.answers), "reward": r.total,
@@ -203,7 +218,7 @@ class Logger:
             self.wandb.finish()
 
 
-def step_metrics(trained, everything, stats: dict, update_stats: dict, rollout_seconds: float,
+def step_metrics(trained, everything, stats: dict, update_stats: dict, timer: PhaseTimer,
                  prompts_per_step: int) -> dict:
     """One row of metrics.jsonl: means over every trajectory rolled out this step (replacements included) of the
     reward, its stages, EM, answers and tool calls; the replacement counts; then the update's diagnostics."""
@@ -219,7 +234,7 @@ def step_metrics(trained, everything, stats: dict, update_stats: dict, rollout_s
                 "trained_on": sum(len(g.scored()) for g in trained),
                 "response_tokens": sampled / max(len(every), 1),
                 "tool_calls": mean_of(len(t.tool_calls) for t, _ in every),
-                "rollout_tokens_per_s": sampled / max(rollout_seconds, 1e-9)}
+                "rollout_tokens_per_s": sampled / max(timer.seconds["rollout"] + timer.seconds["replacement"], 1e-9)}
     return metrics | update_stats
 
 
@@ -229,6 +244,40 @@ def postfix(metrics: dict) -> dict:
              "em": "exact_match", "dead": "dead_fraction", "extra": "extra_rollouts_per_prompt", "kl": "kl_ref",
              "clip": "clip_fraction", "tok/s": "rollout_tokens_per_s"}
     return {short: f"{metrics[name]:.3g}" for short, name in shown.items() if metrics.get(name) is not None}
+
+
+class PhaseTimer:
+    """Wall-clock seconds of a step's phases: `with timer("rollout"): ...`; metrics() gives them as time_<phase>."""
+
+    PHASES = ("rollout", "rewards", "replacement", "logprobs", "istar", "update", "evaluation", "checkpoint")
+
+    def __init__(self):
+        self.seconds = Counter()
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self, *phases: str) -> dict:
+        """time_<phase> of the phases given (default: all that ran) and step_seconds, the wall time since the timer
+        was made."""
+        ran = phases or [phase for phase in self.PHASES if phase in self.seconds]
+        return {f"time_{phase}": self.seconds[phase] for phase in ran} | {
+            "step_seconds": time.perf_counter() - self.started}
+
+
+def time_summary(folder: Path) -> str:
+    """One line: the seconds each phase took over the run's metrics.jsonl, and their share of the whole."""
+    rows = read_jsonl(folder / "metrics.jsonl")
+    seconds = {phase: sum(row.get(f"time_{phase}", 0.0) for row in rows) for phase in PhaseTimer.PHASES}
+    total = sum(row.get("step_seconds", 0.0) for row in rows)
+    parts = [f"{phase} {value:.0f} s ({value / total:.0%})" for phase, value in seconds.items() if value and total]
+    return f"time by phase: {', '.join(parts)}; all {total:.0f} s" if parts else ""
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ help text is what `--help` prints. A check error names the flag and its value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import data
 import models
@@ -138,3 +139,16 @@ def check_train_args(args: TrainArgs) -> None:
     require(args.temperature > 0, "temperature", args.temperature, "training samples: use a temperature above 0")
     require(0 < args.top_p <= 1, "top_p", args.top_p, "must be in (0, 1]")
     require(0 < args.value_ema <= 1, "value_ema", args.value_ema, "must be in (0, 1]")
+
+
+class Algorithm(NamedTuple):
+    """What --algorithm resolves to, with the --replacement and --value-clip overrides applied."""
+
+    replacement: str  # how dead groups are replaced: value | random | filter | none (vspo.choose_replacements)
+    value_clip: bool  # value-smoothing clipping of replayed prompts' advantages
+    loss: str  # ppo | cispo
+
+
+def algorithm_of(args: TrainArgs) -> Algorithm:
+    replacement, value_clip, loss = vspo.ALGORITHMS[args.algorithm]
+    return Algorithm(args.replacement or replacement, {"on": True, "off": False}.get(args.value_clip, value_clip), loss)

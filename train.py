@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,20 +49,7 @@ import rollout
 import run_folder
 import vspo
 from cli import UsageError, parse, require
-from settings import TrainArgs, check_train_args
-
-
-class Algorithm(NamedTuple):
-    """What --algorithm resolves to, with the --replacement and --value-clip overrides applied."""
-
-    replacement: str  # how dead groups are replaced: value | random | filter | none (vspo.choose_replacements)
-    value_clip: bool  # value-smoothing clipping of replayed prompts' advantages
-    loss: str  # ppo | cispo
-
-
-def algorithm_of(args: TrainArgs) -> Algorithm:
-    replacement, value_clip, loss = vspo.ALGORITHMS[args.algorithm]
-    return Algorithm(args.replacement or replacement, {"on": True, "off": False}.get(args.value_clip, value_clip), loss)
+from settings import Algorithm, TrainArgs, algorithm_of, check_train_args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,7 +60,7 @@ class Run:
     """What a run is made of, built once by `setup`; steps change only the weights and the optimizer's state."""
 
     args: TrainArgs
-    algorithm: Algorithm
+    algorithm: Algorithm  # what --algorithm, --replacement and --value-clip resolve to
     policy: torch.nn.Module  # fp32 master weights
     tokenizer: object
     reference: torch.nn.Module | None  # frozen, for the KL term (None with --kl-beta 0 and for iStar)
@@ -176,9 +162,8 @@ def replace_dead_groups(run: Run, state: State, groups: list[Group]):
             break
         in_batch = {g.example.id for g in everything}
         picks = vspo.choose_replacements(state.buffer, len(dead), in_batch, state.rng, run.algorithm.replacement)
-        for key in picks:
-            if key is not None:
-                state.buffer.mark_replayed(key)
+        for key in filter(None, picks):
+            state.buffer.mark_replayed(key)
         fresh = iter(state.stream.take(sum(key is None for key in picks)))
         examples = [run.examples[key] if key is not None else next(fresh) for key in picks]
         replays = [state.buffer.replay_count(key) if key is not None else 0 for key in picks]
@@ -268,12 +253,16 @@ def update(run: Run, state: State, batch: Batch, token_advantages: torch.Tensor)
     args, policy = run.args, run.policy
     policy.train()
     rows = torch.randperm(len(batch.tokens), generator=state.generator).tolist()
-    chunks = [rows[i::args.mini_batches] for i in range(args.mini_batches) if rows[i::args.mini_batches]]
+    lengths = batch.tokens.attention_mask.sum(dim=1).tolist()  # micro-batches of similar lengths pad little
+    chunks = [sorted(rows[i::args.mini_batches], key=lengths.__getitem__) for i in range(args.mini_batches)
+              if rows[i::args.mini_batches]]
     kl_beta = args.kl_beta if batch.ref_logprobs is not None else 0.0
     totals, skipped = Counter(), 0
     for chunk in chunks:
         normalizer = (batch.tokens.loss_mask[chunk].sum().clamp(min=1) if args.loss_reduction == "token-mean"
                       else len(chunk))  # the whole mini-batch's, so micro-batch losses add up to its loss
+        with run.autocast():  # the shared prompt prefix: encoded once per optimizer step, backpropagated once
+            prefix = rollout.SharedPrefix(policy, batch.tokens)
         for start in range(0, len(chunk), args.micro_batch_size):
             micro_rows = chunk[start:start + args.micro_batch_size]
             micro = batch.tokens[micro_rows].to(policy.device)
@@ -283,7 +272,8 @@ def update(run: Run, state: State, batch: Batch, token_advantages: torch.Tensor)
                 return None if tensor is None else tensor[micro_rows, :width].to(policy.device)
 
             with run.autocast():
-                logprobs, entropy = rollout.response_logprobs(policy, micro, args.temperature, with_entropy=True)
+                logprobs, entropy = rollout.response_logprobs(policy, micro, args.temperature, with_entropy=True,
+                                                              prefix=prefix.cache)
             loss, diagnostics = vspo.policy_loss(
                 logprobs.float(), rows_of(batch.old_logprobs), rows_of(token_advantages), micro.loss_mask,
                 kind=run.algorithm.loss, eps_low=args.clip_eps_low, eps_high=args.clip_eps_high,
@@ -293,6 +283,7 @@ def update(run: Run, state: State, batch: Batch, token_advantages: torch.Tensor)
             tokens = float(micro.loss_mask.sum())
             totals.update({name: value * tokens for name, value in diagnostics.items()} | {"tokens": tokens})
             totals["loss"] += loss.item()
+        prefix.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         if torch.isfinite(grad_norm):
             run.optimizer.step()
@@ -331,7 +322,7 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
     reference = None
     if args.kl_beta > 0 and args.credit == "outcome":  # iStar uses no KL (METHOD.md §4)
         reference = models.load_model(args.model, device=device, dtype=dtype, cache=cache)[0]
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     prm = None
     if args.credit == "istar":
         settings = dict(lr=args.istar_lr, beta=args.istar_beta, threshold=args.success_threshold,
@@ -379,45 +370,56 @@ def train(args: TrainArgs) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     logger = run_folder.Logger(output, args, state.step)
     (output / "args.json").write_text(json.dumps(run_folder.saved_args(args), indent=1))
-    final_eval = evaluate(run) if state.step == 0 else {}
+    timer = run_folder.PhaseTimer()
+    with timer("evaluation"):
+        final_eval = evaluate(run) if state.step == 0 else {}
     if final_eval:
-        logger.log(0, final_eval)
+        logger.log(0, final_eval | timer.metrics())
     progress = tqdm(total=args.steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
     while state.step < args.steps:
-        started = time.perf_counter()
+        timer = run_folder.PhaseTimer()
         prompts = state.stream.take(args.prompts_per_step)
-        groups = roll_out(run, prompts, replays=[0] * len(prompts))
-        groups = score(run, groups, state.step)
-        groups, everything, stats = replace_dead_groups(run, state, groups)
-        rollout_seconds = time.perf_counter() - started
+        with timer("rollout"):
+            groups = roll_out(run, prompts, replays=[0] * len(prompts))
+        with timer("rewards"):
+            groups = score(run, groups, state.step)
+        with timer("replacement"):
+            groups, everything, stats = replace_dead_groups(run, state, groups)
         # OUR READING: with iStar, dead groups stay in the batch: their episode advantage is 0, but their steps get
         # step advantages (istar.py). Otherwise a dead group has no gradient and is left out.
         trained = [g for g in (everything if run.prm else groups) if g.scored() and (run.prm or not g.dead)]
         state.step += 1
         update_stats = {"skipped_updates": 1.0}
         if trained:
-            batch = make_batch(run, trained)
-            credit, istar_stats = implicit_step_rewards(run, batch) if run.prm else (None, {})
+            with timer("logprobs"):
+                batch = make_batch(run, trained)
+            credit, istar_stats = None, {}
+            if run.prm:
+                with timer("istar"):
+                    credit, istar_stats = implicit_step_rewards(run, batch)
             token_advantages = advantages(run, batch, credit)
-            update_stats = update(run, state, batch, token_advantages) | istar_stats
+            with timer("update"):
+                update_stats = update(run, state, batch, token_advantages) | istar_stats
         else:
             tqdm.write(f"step {state.step}: every group is dead (all rewards equal); no update")
-        metrics = run_folder.step_metrics(trained, everything, stats, update_stats, rollout_seconds,
-                                          args.prompts_per_step)
-        metrics["step_seconds"] = time.perf_counter() - started
+        metrics = run_folder.step_metrics(trained, everything, stats, update_stats, timer, args.prompts_per_step)
         last = state.step == args.steps
         if last or (args.eval_every and state.step % args.eval_every == 0):
-            final_eval = evaluate(run)
+            with timer("evaluation"):
+                final_eval = evaluate(run)
             metrics |= final_eval
-        logger.log(state.step, metrics)
+        logger.log(state.step, metrics | timer.metrics())
         logger.samples(state.step, everything, args.samples_per_step)
         if last or (args.save_every and state.step % args.save_every == 0):
-            run_folder.save(run, state)
+            with timer("checkpoint"):
+                run_folder.save(run, state)
+            logger.amend(state.step, timer.metrics("checkpoint"))  # into the step's row, logged before the save
             run_folder.plot(output)
         progress.update(1)
         progress.set_postfix(run_folder.postfix(metrics), refresh=False)
     progress.close()
     logger.close()
+    print(run_folder.time_summary(output))
     return final_eval
 
 

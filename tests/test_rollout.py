@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
+import data
 import models
 import prs
 import rollout
@@ -205,6 +206,40 @@ def test_a_ragged_batch_gives_each_trajectory_what_it_gets_alone(model, tok):
             assert torch.allclose(torch.tensor(other.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
 
 
+def test_keeping_each_rows_keys_and_values_across_rounds_changes_nothing(model, tok):
+    # Three tool rounds for some rows, rows leaving after one segment, a row that pauses mid-segment (refill_below):
+    # the kept-cache loop encodes only new tokens each round, the reference loop encodes every context again.
+    scripts = {"a": [CALL, BAD_CALL, CALL, ANSWER], "b": [ANSWER], "c": [CALL, ANSWER], "d": [["Hmm " * 12, "EOS"]]}
+    for settings in ({}, {"batch_size": 2}, {"refill_below": 0.9}):
+        kept = run(model, tok, scripts, group_size=2, **settings)
+        fresh = run(model, tok, scripts, group_size=2, keep_cache=False, **settings)
+        for a, b in zip(kept, fresh):
+            assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask and a.steps == b.steps
+            assert a.stop_reason == b.stop_reason and [c.span for c in a.tool_calls] == [c.span for c in b.tool_calls]
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5), settings
+
+
+def test_batch_cache_lays_out_kept_rows_after_the_shared_prefix(model):
+    contexts = [[5, 6, 7, 8, 9], [5, 6, 11, 12]]
+    with torch.no_grad():
+        prefix = rollout.prefix_cache(model, torch.tensor([[5, 6]]), rows=1)
+        kept = []
+        for context in contexts:  # each row encoded alone, all of it but its last token
+            cache = model(input_ids=torch.tensor([context[:-1]]), use_cache=True).past_key_values
+            kept.append(rollout.row_cache(cache, torch.ones(1, len(context) - 1), 0, prefix_length=2))
+    assert [row.length for row in kept] == [2, 1]
+    cache, mask = rollout.batch_cache(prefix, kept, prefix_length=2, room=3)
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+    for layer, alone in zip(cache.layers, kept[1].keys):
+        assert torch.equal(layer.keys[1, :, 3:], alone) and (layer.keys[1, :, 2] == 0).all()
+        assert torch.equal(layer.keys[0, :, :2], layer.keys[1, :, :2])  # the shared prefix in every row
+        assert layer.keys.shape[2] == 4 and layer.room_keys.shape[2] == 4 + 3  # filled, and room to grow
+    new = torch.ones(2, cache.layers[0].keys.shape[1], 5, cache.layers[0].keys.shape[3])
+    layer = cache.layers[0]
+    keys, _ = layer.update(new, new)  # past its room: it grows, and keeps what it held
+    assert keys.shape[2] == 9 and torch.equal(keys[:, :, 4:], new) and torch.equal(keys[1, :, 3], kept[1].keys[0][:, 0])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Log-probs: recorded while sampling == recomputed afterwards
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,7 +253,7 @@ def assert_recompute_matches(model, tok, trajectories, temperature=1.0):
         shared = response_logprobs(model, batch, temperature)
         full = response_logprobs(model, batch, temperature, share_prefix=False)
     assert torch.allclose(shared, full, atol=2e-5)
-    assert (shared[~batch.response_mask.bool()] == 0).all()
+    assert (shared[~batch.loss_mask.bool()] == 0).all()
 
 
 def test_recomputed_logprobs_match_sampling_logprobs_of_scripted_tool_trajectories(model, tok):
@@ -244,13 +279,38 @@ def test_logprobs_carry_gradients_and_entropy_is_masked(model, tok):
     (logprobs * batch.loss_mask).sum().backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     model.zero_grad()
-    assert (entropy[batch.response_mask.bool()] > 0).all() and (entropy[~batch.response_mask.bool()] == 0).all()
-    with torch.no_grad():  # reference: each row alone, unpadded, the entropy of the distribution over each token
+    sampled = batch.loss_mask.bool()  # tool-response tokens and padding get neither a log-prob nor an entropy
+    assert (entropy[sampled] > 0).all() and (entropy[~sampled] == 0).all() and (logprobs[~sampled] == 0).all()
+    assert (batch.response_mask.bool() & ~sampled).any()  # there are tool tokens to leave out
+    with torch.no_grad():  # reference: each row alone, unpadded, every position's logits, the sampled ones picked
         for row in range(len(batch)):
             ids = batch.input_ids[row][batch.attention_mask[row].bool()]
             n = int(batch.response_mask[row].sum())
             logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, -n - 1:-1].float(), dim=-1)  # [n, V]
-            assert torch.allclose(entropy[row, :n], -(logp.exp() * logp).sum(-1), atol=1e-4)
+            own = sampled[row, :n]
+            assert torch.allclose(entropy[row, :n][own], -(logp.exp() * logp).sum(-1)[own], atol=1e-4)
+            expected = logp.gather(1, ids[-n:, None]).squeeze(1)  # [n]
+            assert torch.allclose(logprobs[row, :n][own], expected[own], atol=1e-4)
+
+
+def test_a_shared_prefix_backpropagated_once_gives_the_full_gradient(model, tok):
+    trajectories = run(model, tok, {"a": [CALL, ANSWER], "b": [ANSWER], "c": [CALL, BAD_CALL, ANSWER]})
+    batch = collate(trajectories, tok.pad_token_id)
+
+    def gradients():
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return grads
+
+    response_logprobs(model, batch, share_prefix=False).sum().backward()  # one pass, no sharing
+    expected = gradients()
+    prefix = rollout.SharedPrefix(model, batch)  # micro-batches of 2 and 1 rows, the prefix's backward run once
+    assert batch.prefix_length > 0 and prefix.cache is not None
+    for rows in ([0, 1], [2]):
+        response_logprobs(model, batch[rows], prefix=prefix.cache).sum().backward()
+    prefix.backward()
+    shared = gradients()
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, shared))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -296,3 +356,24 @@ def test_embedded_model_searches_with_a_valid_call(embedded, bm25):
         assert f"(Title: {title})" in t.tool_calls[0].observation  # the search found the gold article
         assert t.text.count(TOOL_RESPONSE_OPEN) == len([c for c in t.tool_calls if c.span != (-1, -1)])
     assert_recompute_matches(model, tokenizer, trajectories)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, bm25, temperature):
+    # The equality the kept caches promise, on the real model: greedy, and sampling from the same seed.
+    model, tokenizer = embedded
+    registry = {"search": tools.search_tool(bm25, passage_chars=200)}
+    examples = data.load_task("wiki", "test")[:4]
+    runs = []
+    for keep_cache in (True, False):
+        torch.manual_seed(0)
+        config = RolloutConfig(group_size=2, temperature=temperature, max_new_tokens=64, max_total_tokens=1024,
+                               max_tool_calls=2, keep_cache=keep_cache)
+        runs.append(rollout.rollout(model, tokenizer, examples, registry, config))
+    kept, fresh = runs
+    assert sum(len(t.tool_calls) for t in kept) >= 3  # tool rounds really happened
+    for a, b in zip(kept, fresh):
+        assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask and a.steps == b.steps
+        assert a.stop_reason == b.stop_reason and [c.span for c in a.tool_calls] == [c.span for c in b.tool_calls]
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)

@@ -25,7 +25,7 @@ import train
 from cli import parse
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = {"step_seconds", "rollout_tokens_per_s"}  # the only metrics allowed to differ between identical runs
+TIMING = {"step_seconds", "rollout_tokens_per_s"}  # with time_*, the only metrics that differ between identical runs
 
 
 def small(agent, output, *extra):
@@ -56,6 +56,9 @@ def assert_wrote_a_run(output, steps):
     metrics = rows(output)
     assert [row["step"] for row in metrics] == list(range(steps + 1))  # step 0 is the evaluation before training
     assert "eval_em" in metrics[0] and "eval_em" in metrics[-1]
+    phases = {"time_rollout", "time_rewards", "time_replacement", "time_evaluation", "time_checkpoint"}
+    assert phases <= set(metrics[-1]) and "time_evaluation" in metrics[0]  # each phase's seconds, and the whole
+    assert sum(v for k, v in metrics[-1].items() if k.startswith("time_")) <= metrics[-1]["step_seconds"]
     checkpoint = output / "checkpoints" / f"step-{steps:06d}"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.pt", "trainer_state.json"):
         assert (checkpoint / name).exists(), name
@@ -93,8 +96,10 @@ def test_binary_reward_replaces_dead_groups_and_skips_an_empty_update(tiny_agent
 
 
 def assert_same_steps(a_rows, b_rows, steps, ignore=()):
-    a = {row["step"]: {k: v for k, v in row.items() if k not in TIMING and k not in ignore} for row in a_rows}
-    b = {row["step"]: {k: v for k, v in row.items() if k not in TIMING and k not in ignore} for row in b_rows}
+    def kept(row):
+        return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_") and k not in ignore}
+
+    a, b = {row["step"]: kept(row) for row in a_rows}, {row["step"]: kept(row) for row in b_rows}
     for step in steps:
         assert a[step] == b[step], step
 
