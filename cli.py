@@ -5,14 +5,16 @@
         lr: float = arg(1e-5, "learning rate of AdamW")
 
 becomes `--lr 1e-5` with that help text and its default in `--help`. Booleans become `--flag / --no-flag`;
-`choices` restricts a value. Errors name the flag and the bad value (argparse's own messages), and `require` checks
-the values argparse cannot.
+`choices` restricts a value; `low`/`high` bound a number (`above`/`below` exclude the bound itself), and a float is
+refused as nan or inf everywhere. Errors name the flag and the bad value, and `require` checks what depends on
+several flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 
@@ -20,12 +22,40 @@ class UsageError(Exception):
     """A setting or an input the user can fix; the message names it. Entry points print it without a traceback."""
 
 
-def arg(default, help: str, choices=None):
-    """A dataclass field that is also a command-line flag. A list default becomes a flag taking one or more values."""
-    metadata = {"help": help, "choices": choices}
+def arg(default, help: str, choices=None, *, low=None, high=None, above=None, below=None):
+    """A dataclass field that is also a command-line flag. A list default becomes a flag taking one or more values.
+    A number must be >= low, <= high, > above and < below, for each bound given (`parse` checks, naming the flag)."""
+    metadata = {"help": help, "choices": choices, "bounds": (low, high, above, below)}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def bounds_text(low=None, high=None, above=None, below=None) -> str:
+    """The range a number must lie in, as `--help` and errors say it.
+
+    >>> bounds_text(above=0, high=1), bounds_text(low=0), bounds_text()
+    ('in (0, 1]', 'at least 0', '')
+    """
+    start = f"[{low}" if low is not None else f"({above}" if above is not None else None
+    end = f"{high}]" if high is not None else f"{below})" if below is not None else None
+    if start and end:
+        return f"in {start}, {end}"
+    if start:
+        return f"at least {low}" if low is not None else f"above {above}"
+    if end:
+        return f"at most {high}" if high is not None else f"below {below}"
+    return ""
+
+
+def check_number(flag: str, value, low=None, high=None, above=None, below=None) -> None:
+    """Raise a UsageError naming the flag unless `value` is a finite number within the bounds."""
+    rule = bounds_text(low, high, above, below)
+    require(not isinstance(value, float) or math.isfinite(value), flag, value,
+            f"must be a finite number {rule}".rstrip())
+    inside = ((low is None or value >= low) and (high is None or value <= high) and (above is None or value > above)
+              and (below is None or value < below))
+    require(inside, flag, value, f"must be {rule}")
 
 
 def parse(cls, argv=None, description: str | None = None):
@@ -40,6 +70,8 @@ def parse(cls, argv=None, description: str | None = None):
         help_text = field.metadata["help"]
         if "default:" not in help_text:  # a help text may explain its default itself
             help_text += f" (default: {default!r})"
+        if bounds_text(*field.metadata["bounds"]):
+            help_text += f"; {bounds_text(*field.metadata['bounds'])}"
         options = {"default": default, "help": help_text}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
@@ -47,9 +79,26 @@ def parse(cls, argv=None, description: str | None = None):
         if typing.get_origin(kind) is list:
             kind, options["nargs"] = typing.get_args(kind)[0], "+"
         choices = field.metadata["choices"]
-        metavar = None if choices else {str: "TEXT"}.get(kind, kind.__name__.upper())
+        metavar = {str: "TEXT"}.get(kind, kind.__name__.upper())
+        if choices:  # "" (the default that defers to another setting) is accepted but not listed
+            metavar = "{" + ",".join(choice for choice in choices if choice) + "}"
         parser.add_argument(flag, type=kind, choices=choices, metavar=metavar, **options)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    try:
+        check_fields(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return args
+
+
+def check_fields(args) -> None:
+    """Check every number of a settings dataclass (each value of a list) against its field's bounds; `parse` does, and
+    so should whoever builds settings otherwise (a resumed run reads them back from its checkpoint)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                check_number(field.name, number, *field.metadata["bounds"])
 
 
 def require(condition: bool, flag: str, value, rule: str) -> None:

@@ -196,18 +196,28 @@ def _check_split(split: str) -> str:
 # Users' own data: Search-R1 / FlashRAG jsonl
 # ----------------------------------------------------------------------------------------------------------------------
 def _jsonl_rows(path: str | os.PathLike):
-    """Yield (line number, row dict) for each non-blank line, with precise errors."""
+    """Yield (line number, row dict) for each non-blank line, with errors that name the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:  # line by line, so that a bad byte is reported where it is; a BOM at the start is allowed
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[error.start]:#04x}, the line's byte "
+                                f"{error.start + 1}); save the file as UTF-8") from None
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                cut = error.pos >= len(line.rstrip()) or error.msg.startswith("Unterminated")
+                hint = "; the line ends before the JSON does: is it cut short?" if cut else ""
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg}: column {error.colno}{hint})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             yield number, row

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import assets
 import data
@@ -53,7 +54,12 @@ def build_tools(args: settings.AgentArgs) -> dict[str, tool_lib.Tool]:
 def search_backend(retriever: str, corpus: str, cache_dir: str):
     """A search backend, built once per process for given settings (indexing 10k documents takes ~1 s)."""
     if retriever.startswith(("http://", "https://")):
-        return tool_lib.SearchR1Client(retriever)
+        client = tool_lib.SearchR1Client(retriever)
+        try:  # once at the start: a server that is down fails here, not as an error string in every observation
+            client("test", 1)
+        except RuntimeError as error:
+            raise UsageError(f"--retriever {retriever!r}: {error}") from None
+        return client
     require(retriever == "bm25", "retriever", retriever, "use bm25 or the http(s) URL of a Search-R1 server")
     return tool_lib.BM25Search(data.load_corpus(corpus, cache_dir or None))
 
@@ -100,16 +106,22 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Scoring one evaluation
 # ----------------------------------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, judge: prs.AnswerJudge | None = None):
+def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, judge: prs.AnswerJudge | None = None,
+             progress: str | None = None):
     """Roll out one trajectory per example and score it. Returns (metrics, records): metrics is a flat dict of
-    floats (means over questions), records one dict per question for the jsonl file."""
-    trajectories = rollout.rollout(model, tokenizer, examples, tools, config)
+    floats (means over questions), records one dict per question for the jsonl file. With `progress` (a name), a
+    progress bar counts the questions answered."""
+    with tqdm(total=len(examples), desc=progress, unit="question", disable=progress is None, leave=False,
+              dynamic_ncols=True) as bar:
+        trajectories = rollout.rollout(model, tokenizer, examples, tools, config,
+                                       progress=lambda done: bar.update(done - bar.n))
     judged = _judge_scores(trajectories, judge)
     records = [_record(t, judged.get(i)) for i, t in enumerate(trajectories)]
     metrics = {name: mean_of(r[name] for r in records)
                for name in ("em", "f1", "la_bleu", "answered", "format", "tool_calls", "evidence")}
     calls = [c for t in trajectories for c in t.tool_calls]
     metrics["valid_calls"] = mean_of(c.call.ok for c in calls)  # None without a single call
+    metrics["tool_failures"] = float(sum(c.failed for c in calls))  # valid calls whose tool raised
     stops = Counter(t.stop_reason for t in trajectories)
     metrics |= {f"stop_{reason}": stops[reason] / len(trajectories) for reason in rollout.STOP_REASONS}
     if any(r["reference"] for r in records):  # long-form: the judge's accuracy over the answers it could score
@@ -117,6 +129,20 @@ def evaluate(model, tokenizer, examples, tools, config: rollout.RolloutConfig, j
         metrics["judge_unscored"] = float(sum(i in judged and judged[i] is None for i in range(len(records))))
     metrics["questions"] = float(len(records))
     return metrics, records
+
+
+def jsonl_line(record: dict) -> str:
+    """One jsonl line for `record`, non-ASCII text kept readable. A model can write any escape, also a lone
+    surrogate ("\\ud800"), which UTF-8 cannot encode; it is written as its JSON escape, so the line is valid UTF-8
+    and reads back to the same string.
+
+    >>> jsonl_line({"query": "\\ud800 Paris, café"})
+    '{"query": "\\\\ud800 Paris, café"}\\n'
+    >>> json.loads(jsonl_line({"query": "\\ud800 Paris"}))["query"] == "\\ud800 Paris"
+    True
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n"  # only lone surrogates are replaced
 
 
 def mean_of(values) -> float | None:
@@ -146,7 +172,8 @@ def _record(t: rollout.Trajectory, judge_match) -> dict:
         "la_bleu": prs.answer_score(t.answer, gold) if short_form else None, "answered": float(t.answer is not None),
         "format": prs.format_score(t.text), "evidence": prs.evidence_score(t.text, gold),
         "tool_calls": float(len(t.tool_calls)), "judge_match": judge_match, "stop_reason": t.stop_reason,
-        "calls": [{"ok": c.call.ok, "error": c.call.error, "arguments": c.call.arguments} for c in t.tool_calls],
+        "calls": [{"ok": c.call.ok, "error": c.call.error, "arguments": c.call.arguments, "failed": c.failed}
+                  for c in t.tool_calls],
         "response": t.text,
     }
 
@@ -189,6 +216,11 @@ def task_names(tasks: list[str]) -> list[str]:
     return [f"{Path(task).parent.name}/{stem}" if stems.count(stem) > 1 else stem for task, stem in zip(tasks, stems)]
 
 
+def result_files(output: Path, names: list[str]) -> list[Path]:
+    """What an evaluation writes into --output: one <task>.jsonl per task, then metrics.json."""
+    return [output / f"{name.replace('/', '_')}.jsonl" for name in names] + [output / "metrics.json"]
+
+
 USER_ERRORS = (UsageError, data.DataError, models.ModelLoadError, assets.AssetError)
 
 
@@ -196,10 +228,12 @@ def main(argv=None) -> None:
     args = parse(settings.EvalArgs, argv, __doc__)
     seed_everything(args.seed)
     try:
-        settings.check_eval_args(args)
         device, dtype = device_and_dtype(args)
         names = task_names(args.task)
         require(len(set(names)) == len(names), "task", args.task, "names a task twice")
+        written = [path.name for path in result_files(Path(args.output), names) if path.exists()]
+        require(not written, "output", args.output, f"would replace files already there ({', '.join(written)}: an "
+                                                    f"earlier evaluation, or a task file); choose another --output")
         tasks = {name: data.load_task(task, args.split, args.cache_dir or None) for name, task in zip(names, args.task)}
         model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
         tools = build_tools(args)
@@ -209,18 +243,17 @@ def main(argv=None) -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     config = rollout_config(args, group_size=1, temperature=args.temperature, batch_size=args.batch_size)
-    results = {}
-    for name, examples in tasks.items():
+    results, files = {}, result_files(output, names)
+    for (name, examples), path in zip(tasks.items(), files):
         examples = examples[:args.limit] if args.limit else examples
-        print(f"{name}: {len(examples)} questions ...", flush=True)
-        metrics, records = evaluate(model, tokenizer, examples, tools, config, judge)
+        metrics, records = evaluate(model, tokenizer, examples, tools, config, judge, progress=name)
         if any(e.reference for e in examples) and judge is None:
             print(f"{name}: long-form answers need a judge (--judge-model, --judge-base-url); judge accuracy "
                   f"is not reported")
-        with open(output / f"{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(jsonl_line(record) for record in records)
         results[name] = metrics
-    (output / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    files[-1].write_text(json.dumps(results, indent=2) + "\n")
     print(format_table(results))
     print(f"trajectories and metrics.json written to {output}/")
 

@@ -23,6 +23,7 @@ with `score_batch(items) -> list[float | None]`, so a test double or another jud
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -57,29 +58,46 @@ def judge_messages(question: str, reference: str, answer: str, rubric: str = JUD
     >>> [message["role"] for message in judge_messages("Q?", "R.", "A.")]
     ['system', 'user']
     """
+    question, reference, answer = (_encodable(text) for text in (question, reference, answer))
     content = (f"Question:\n<question>\n{question}\n</question>\n\n"
                f"Reference answer:\n<reference>\n{reference}\n</reference>\n\n"
                f"Answer to grade:\n<graded_answer>\n{answer}\n</graded_answer>")
     return [{"role": "system", "content": rubric}, {"role": "user", "content": content}]
 
 
+MAX_VERDICT_CHARS = 20_000  # a verdict is one short JSON object; the rest of a longer reply is not read
+MAX_OBJECTS_TRIED = 50  # the JSON objects looked at, from the first `{` on
+
+
+def _encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates, which a model can write as a JSON escape) as `?`, so
+    that the request can be sent.
+
+    >>> _encodable("\\ud800 Paris")
+    '? Paris'
+    """
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def parse_verdict(text: str, scale: float = 10.0) -> tuple[float, str] | None:
     """(score / scale, reason) from the judge's reply, or None if it holds no usable verdict.
 
     Accepts code fences, prose around the JSON object and numbers written as strings; a score that is missing, not a
-    number, a boolean or outside [0, scale] makes the verdict unusable.
+    number, a boolean or outside [0, scale] makes the verdict unusable. Whatever a server sends, parsing takes
+    bounded time and depth: only the first MAX_VERDICT_CHARS characters and MAX_OBJECTS_TRIED objects are read, and
+    nesting too deep for the parser is no verdict.
 
     >>> parse_verdict('Sure! ```json\\n{"score": "8", "reason": "minor omission"}\\n``` Hope it helps.')
     (0.8, 'minor omission')
     >>> parse_verdict('{"score": 11}'), parse_verdict("The answer is correct."), parse_verdict('{"score": true}')
     (None, None, None)
     """
-    text = re.sub(r"```(?:json)?", " ", text)
+    text = re.sub(r"```(?:json)?", " ", text[:MAX_VERDICT_CHARS])
     decoder = json.JSONDecoder()
-    for start in (i for i, ch in enumerate(text) if ch == "{"):
+    for start in itertools.islice((i for i, ch in enumerate(text) if ch == "{"), MAX_OBJECTS_TRIED):
         try:
             verdict, _ = decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(verdict, dict) and "score" in verdict:
             score = _as_number(verdict["score"])
@@ -168,7 +186,7 @@ class Judge:
 
     def _key(self, question: str, reference: str, answer: str) -> str:
         content = json.dumps([self.model, self.rubric, question, reference, answer], ensure_ascii=False)
-        return hashlib.sha256(content.encode("utf-8")).hexdigest()
+        return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()  # any text a model writes
 
     def _judge(self, key: str, item: tuple[str, str, str]) -> float | None:
         reply = self._request(judge_messages(*item, self.rubric))
@@ -205,10 +223,14 @@ class Judge:
             except openai.OpenAIError as caught:  # 400, 401, 404 ...: the same request would fail again
                 error = caught
                 break
+            except Exception as caught:  # a reply the client cannot read (a 200 with a body cut short): try again
+                error = caught
+                continue
             try:
-                return completion.choices[0].message.content or ""
+                content = completion.choices[0].message.content
             except (AttributeError, IndexError, TypeError):
-                return ""  # a 200 without a chat completion in it: no verdict to parse
+                content = None
+            return content if isinstance(content, str) else ""  # no text in a 200: no verdict to parse
         log.warning("judge request failed after %d attempt(s); the sample is unscored: %s",
                     attempt + 1, self._redact(f"{type(error).__name__}: {error}"))
         return None
@@ -225,13 +247,14 @@ class Judge:
             self._cache[key] = score
             if self.cache_path:
                 with open(self.cache_path, "a", encoding="utf-8") as file:
-                    file.write(json.dumps({"key": key, "score": score, "reason": reason}, ensure_ascii=False) + "\n")
+                    # ASCII-escaped: a reply may hold text UTF-8 cannot encode (a lone surrogate such as \ud800)
+                    file.write(json.dumps({"key": key, "score": score, "reason": reason}) + "\n")
 
     def _read_cache(self) -> dict[str, float]:
         if not os.path.exists(self.cache_path):
             return {}
         cache = {}
-        with open(self.cache_path, encoding="utf-8") as file:
+        with open(self.cache_path, encoding="utf-8", errors="replace") as file:
             for line in file:
                 try:
                     entry = json.loads(line)

@@ -168,6 +168,8 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def _from_pretrained(cls, name: str, source: str, **kwargs):
+    if not Path(source).is_dir():
+        _check_hub(name, source)
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
@@ -178,10 +180,37 @@ def _from_pretrained(cls, name: str, source: str, **kwargs):
             raise
         raise ModelLoadError(
             f"--model {name!r}: could not load {source!r} from the Hugging Face hub "
-            f"(no network, no such repository, or it needs a login).\n"
-            f"Pass a local folder written by save_pretrained (--model ./my-model), or use the embedded default "
-            f"--model {EMBEDDED}, which works offline."
+            f"(no network, no such repository, or it needs a login).\n{_OFFLINE_HINT}"
         ) from None
+
+
+def _check_hub(name: str, repo: str) -> None:
+    """Before a hub id is loaded: fail at once, with the clear message, where the hub cannot be reached (the hub
+    client would retry each file five times, over a minute of noise) or says the repository is not there. A model
+    already in the local hub cache, or HF_HUB_OFFLINE, skips the check."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo, "config.json") is not None
+    except ValueError:  # not a valid repository id: the hub will say it has no such repository
+        cached = False
+    if constants.HF_HUB_OFFLINE or cached:
+        return
+    try:
+        response = huggingface_hub.get_session().head(f"{constants.ENDPOINT}/api/models/{repo}", timeout=10,
+                                                      headers=huggingface_hub.utils.build_hf_headers())
+    except Exception as error:  # no network, no DNS, a proxy that refuses: the hub cannot be reached
+        raise ModelLoadError(f"--model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+                             f"({type(error).__name__}: {str(error)[:120]}).\n{_OFFLINE_HINT}") from None
+    if response.status_code in (401, 403, 404):
+        raise ModelLoadError(f"--model {name!r}: the hub has no repository {repo!r} that this login may read "
+                             f"(HTTP {response.status_code}); check the name, or log in (HF_TOKEN) for a gated "
+                             f"model.\n{_OFFLINE_HINT}")
+
+
+_OFFLINE_HINT = (f"Pass a local folder written by save_pretrained (--model ./my-model), or use the embedded default "
+                 f"--model {EMBEDDED}, which works offline.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

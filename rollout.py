@@ -15,9 +15,9 @@ The loop, in rounds:
   3. repeat with the trajectories that are still active.
 The system message and worked example open every prompt; their keys and values are computed once per rollout and
 shared by every row (on a CPU that prefix is most of the prompt's cost). Each trajectory keeps the keys and values
-of everything it has encoded from one round to the next (`RowCache`), so a round encodes only what is new: the tool
-response and the last sampled token. Rows leave and rejoin the batch freely; each round lays the kept caches out
-side by side again (`batch_cache`), with padding the attention mask hides.
+of everything it has encoded from one round to the next, so a round encodes only what is new: the tool response and
+the last sampled token. Rows leave and rejoin the batch freely; each round lays the kept caches out side by side
+again, with padding the attention mask hides. kv_cache.py holds that machinery; this file the loop around it.
 
 Token-in, token-out: the sampled ids are kept exactly as they were sampled; only the new tool text is tokenized.
 Sampled text is never decoded and re-encoded (peers' mask and drift bugs, METHOD.md §6).
@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
+import kv_cache
 import tools as tool_lib
 from data import Example
 
@@ -83,6 +84,7 @@ class RolloutConfig:
 class ToolCallRecord:
     call: tool_lib.ToolCall  # parse status: call.ok, call.error
     observation: str  # what the tool answered, before formatting
+    failed: bool  # the call was valid but the tool raised (a backend down or too slow; tools.Observation)
     step: int  # index of the segment that made the call
     span: tuple[int, int]  # [start, end) of the tool-response tokens in response_ids ((-1, -1): did not fit)
 
@@ -156,62 +158,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of all sequences, leaving every sequence at least one token of its own.
-
-    All prompts share the system message and the worked example (~350 tokens with SmolLM2's template), so their
-    keys and values are computed once per batch and not once per trajectory: on a CPU that is most of the prefill.
-    """
-    shortest = min(len(s) for s in sequences)
-    length = 0
-    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
-        length += 1
-    return length
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, prefix_length: int = 0):
-    """[batch, width] ids and attention mask laid out as [shared prefix | padding | own suffix]: the first
-    `prefix_length` tokens (the same in every row) stay at the left, each row's remaining tokens are right-aligned.
-    With prefix_length 0 this is plain left padding. Positions are computed from the mask, so padding in the middle
-    changes nothing: every row sees exactly its own tokens at positions 0, 1, 2, ...
-
-    >>> pad_batch([[7, 8, 1], [7, 8, 2, 3]], pad_id=0, prefix_length=2)[0].tolist()
-    [[7, 8, 0, 1], [7, 8, 2, 3]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        suffix = len(seq) - prefix_length
-        ids[row, :prefix_length] = torch.tensor(seq[:prefix_length], dtype=torch.long)
-        ids[row, width - suffix:] = torch.tensor(seq[prefix_length:], dtype=torch.long)
-        mask[row, :prefix_length] = 1
-        mask[row, width - suffix:] = 1
-    return ids, mask
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids from the attention mask: 0, 1, 2, ... over each row's real tokens."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-def prefix_cache(model, prefix_ids: torch.Tensor, rows: int, encoded=None):
-    """Keys and values of a shared prefix [1, P] for `rows` rows: computed here, or taken from `encoded` (an earlier
-    call's result). The rows are views of one copy (expand), so the prefix is stored once; with gradients enabled,
-    backpropagation reaches the prefix once, not once per row."""
-    if encoded is None:
-        encoded = model(input_ids=prefix_ids, use_cache=True).past_key_values
-    return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
-                                        for layer in encoded.layers])
-
-
 def encode_prefix(model, batch: TokenBatch):
     """The keys and values of a batch's shared prompt prefix (a cache of one row), to be reused by response_logprobs
     over the batch's micro-batches; None where it would not be used (no shared prefix, or a model in training mode
     with activation checkpointing)."""
     if not batch.prefix_length or (model.training and _checkpointing(model)):
         return None
-    return prefix_cache(model, batch.input_ids[:1, :batch.prefix_length].to(model.device), rows=1)
+    return kv_cache.prefix_cache(model, batch.input_ids[:1, :batch.prefix_length].to(model.device), rows=1)
 
 
 class SharedPrefix:
@@ -278,129 +231,10 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
     return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [batch]
 
 
-class RowCache(NamedTuple):
-    """The keys and values one row has encoded after the shared prompt prefix, kept from one round to the next so
-    that a round encodes only what is new (a tool response, the last sampled token). Per layer, [heads, n, dim]."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
-
-
-class GrowingLayer(DynamicLayer):
-    """One layer's keys and values [B, H, T, D], written into preallocated room: a decode step copies its one new
-    token in place, where transformers' DynamicLayer concatenates, copying the whole cache every step (a fifth of a
-    step's time at 16 rows of 700 tokens on a CPU). `keys` and `values` are views of the filled part."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self.room_keys, self.room_values = keys, values  # [B, H, capacity, D]
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._fill(length)
-
-    def _fill(self, length: int) -> None:
-        self.keys, self.values = self.room_keys[:, :, :length], self.room_values[:, :, :length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
-        if end > self.room_keys.shape[2]:  # out of room: twice as much
-            self.room_keys = torch.cat([self.room_keys, torch.empty_like(self.room_keys)], dim=2)
-            self.room_values = torch.cat([self.room_values, torch.empty_like(self.room_values)], dim=2)
-        self.room_keys[:, :, start:end] = key_states
-        self.room_values[:, :, start:end] = value_states
-        self._fill(end)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        length = self.keys.shape[2]
-        self.room_keys, self.room_values = self.room_keys[indices], self.room_values[indices]
-        self._fill(length)
-
-
-def batch_cache(prefix, rows: Sequence[RowCache | None], prefix_length: int, room: int):
-    """A batch's cache and its attention mask [batch, P + W]: the shared prefix's keys and values (a cache of one row,
-    or None when P = 0) in every row, then each row's kept keys and values right-aligned, W the longest of them, and
-    room for `room` more tokens per row.
-
-    Row layout: [shared prefix | padding | kept tokens], the layout of pad_batch, so positions come from the mask."""
-    lengths = [row.length if row else 0 for row in rows]
-    width = max(lengths)
-    mask = torch.zeros((len(rows), prefix_length + width), dtype=torch.long)  # [B, P + W]
-    mask[:, :prefix_length] = 1
-    for i, length in enumerate(lengths):
-        mask[i, prefix_length + width - length:] = 1
-    if prefix is None and width == 0:
-        return DynamicCache(), mask
-    kept = next(row for row in rows if row and row.length) if width else None
-    layers = []
-    for layer in range(len(prefix.layers) if prefix is not None else len(kept.keys)):
-        pair = []
-        for name in ("keys", "values"):
-            template = getattr(prefix.layers[layer], name)[0] if prefix is not None else getattr(kept, name)[layer]
-            heads, _, dim = template.shape
-            tensor = template.new_zeros((len(rows), heads, prefix_length + width + room, dim))  # [B, H, capacity, D]
-            if prefix is not None:
-                tensor[:, :, :prefix_length] = getattr(prefix.layers[layer], name)  # [1, H, P, D] to every row
-            for i, row in enumerate(rows):
-                if lengths[i]:
-                    tensor[i, :, prefix_length + width - lengths[i]:prefix_length + width] = getattr(row, name)[layer]
-            pair.append(tensor)
-        layers.append(GrowingLayer(*pair, length=prefix_length + width))
-    return Cache(layers=layers), mask
-
-
-def row_cache(cache, mask: torch.Tensor, row: int, prefix_length: int) -> RowCache:
-    """Row `row`'s keys and values after the shared prefix, without its padding (`mask` [B, T] matches the cache)."""
-    own = mask[row, prefix_length:].bool()  # [T - P]
-    return RowCache([layer.keys[row, :, prefix_length:][:, own] for layer in cache.layers],
-                    [layer.values[row, :, prefix_length:][:, own] for layer in cache.layers])
-
-
-def length_groups(lengths: Sequence[int], waste: float = 0.25, slack: int = 64) -> list[list[int]]:
-    """Indices grouped for padded batches: longest first, a group taking the next index while its padding stays
-    within `waste` of its real tokens, or within `slack` tokens (a forward pass of its own costs more than that).
-
-    >>> length_groups([150, 1, 160, 140, 2, 3])
-    [[2, 0, 3], [5, 4, 1]]
-    """
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        group = groups[-1] if groups else []
-        padded, real = lengths[group[0]] * (len(group) + 1) if group else 0, sum(lengths[j] for j in group + [i])
-        if group and padded - real <= max(waste * real, slack):
-            group.append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def encode(model, contexts: Sequence[Sequence[int]], kept: list[RowCache | None], prefix, prefix_length: int,
-           pad_id: int) -> list[RowCache | None]:
-    """Each context's keys and values after the prefix, for all of it but its last token (the one the first decode
-    step feeds): `kept` reused, the rest computed, rows of similar lengths together so that little is padding."""
-    done = [row.length if row else 0 for row in kept]
-    todo = [len(context) - 1 - prefix_length - d for context, d in zip(contexts, done)]  # tokens each row must encode
-    for group in length_groups([max(n, 0) for n in todo]):
-        group = [i for i in group if todo[i] > 0]
-        if not group:
-            continue
-        new_ids, new_mask = pad_batch([contexts[i][prefix_length + done[i]:-1] for i in group], pad_id)  # [g, n]
-        cache, mask = batch_cache(prefix, [kept[i] for i in group], prefix_length, room=new_ids.shape[1])
-        mask = torch.cat([mask, new_mask], dim=1).to(model.device)  # [g, P + W + n]
-        model(input_ids=new_ids.to(model.device), attention_mask=mask, past_key_values=cache, use_cache=True,
-              position_ids=positions(mask)[:, -new_ids.shape[1]:], logits_to_keep=1)
-        for j, i in enumerate(group):
-            kept[i] = row_cache(cache, mask, j, prefix_length)
-    return kept
-
-
 @torch.no_grad()
 def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segments: Sequence[Segment],
                       config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=(),
-                      kept: Sequence[RowCache | None] | None = None) -> list[RowCache]:
+                      kept: Sequence[kv_cache.RowCache | None] | None = None) -> list[kv_cache.RowCache]:
     """One round: every context samples the continuation of its segment, all together with a KV cache.
 
     First every context's new tokens are encoded (`encode`, rows of similar lengths together); then all rows decode
@@ -418,17 +252,17 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
     the last sampled token, whose keys and values the next round computes.
     """
     if prefix is None and prefix_length:
-        prefix = prefix_cache(model, torch.tensor([contexts[0][:prefix_length]], device=model.device), rows=1)
-    kept = encode(model, contexts, list(kept) if kept is not None else [None] * len(contexts), prefix, prefix_length,
-                  tokenizer.pad_token_id)
-    cache, mask = batch_cache(prefix, kept, prefix_length, room=config.max_new_tokens + 1)  # [B, P + W]
+        prefix = kv_cache.prefix_cache(model, torch.tensor([contexts[0][:prefix_length]], device=model.device), rows=1)
+    kept = list(kept) if kept is not None else [None] * len(contexts)
+    kept = kv_cache.encode(model, contexts, kept, prefix, prefix_length, tokenizer.pad_token_id)
+    cache, mask = kv_cache.batch_cache(prefix, kept, prefix_length, room=config.max_new_tokens + 1)  # [B, P + W]
     step_ids = torch.tensor([[context[-1]] for context in contexts], device=model.device)  # [B, 1]
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1).to(model.device)  # [B, P + W + 1]
     step_positions = mask.sum(dim=1, keepdim=True) - 1  # [B, 1]
-    ids = pad_batch(contexts, tokenizer.pad_token_id, prefix_length)[0].to(model.device)  # what processors see
+    ids = kv_cache.pad_batch(contexts, tokenizer.pad_token_id, prefix_length)[0].to(model.device)  # what processors see
     temperature = config.temperature or 1.0
     rows = list(range(len(contexts)))  # index in `segments` of each row still sampling
-    out: list[RowCache | None] = [None] * len(contexts)
+    out: list[kv_cache.RowCache | None] = [None] * len(contexts)
     while rows:
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
                        use_cache=True).logits[:, -1].float()  # [active, vocab]
@@ -445,7 +279,7 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
         staying = set(keep)
         for i, row in enumerate(rows):
             if pause or i not in staying:  # leaving the batch: keep what it encoded for the next round
-                out[row] = row_cache(cache, mask, i, prefix_length)
+                out[row] = kv_cache.row_cache(cache, mask, i, prefix_length)
         if pause:
             return out
         step_positions = step_positions + 1  # [active, 1] the new token's position
@@ -465,9 +299,10 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, tool_lib.Tool], config: RolloutConfig,
-            *, first_group_id: int = 0, logits_processors=()) -> list[Trajectory]:
+            *, first_group_id: int = 0, logits_processors=(), progress=None) -> list[Trajectory]:
     """G trajectories for each example, in order: example 0's G, then example 1's, ... Example i gets group id
-    first_group_id + i (the same for its G samples, distinct across examples)."""
+    first_group_id + i (the same for its G samples, distinct across examples). `progress(done)`, when given, hears
+    after every round how many trajectories have finished."""
     trajectories = []
     for index, example in enumerate(examples):
         ids = prompt_ids(tokenizer, example.question, tools, config)
@@ -477,12 +312,12 @@ def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, t
             trajectory.stop_reason = "length"
     if not trajectories:
         return []
-    prefix_length = shared_prefix_length([t.prompt_ids for t in trajectories])
+    prefix_length = kv_cache.shared_prefix_length([t.prompt_ids for t in trajectories])
     prefix_ids = torch.tensor([trajectories[0].prompt_ids[:prefix_length]], device=model.device)
-    prefix = prefix_cache(model, prefix_ids, rows=1) if prefix_length else None  # encoded once per rollout
+    prefix = kv_cache.prefix_cache(model, prefix_ids, rows=1) if prefix_length else None  # encoded once per rollout
     eos_ids = _eos_ids(model, tokenizer)
     open_segments: dict[int, Segment] = {}  # trajectory index -> the segment it is sampling
-    kept: dict[int, RowCache] = {}  # trajectory index -> the keys and values it has encoded so far
+    kept: dict[int, kv_cache.RowCache] = {}  # trajectory index -> the keys and values it has encoded so far
     while active := [i for i, t in enumerate(trajectories) if not t.done]:
         for start in range(0, len(active), config.batch_size):
             chunk = active[start:start + config.batch_size]
@@ -501,6 +336,8 @@ def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, t
                     kept[i] = encoded_i
                 else:
                     kept.pop(i, None)
+            if progress is not None:
+                progress(sum(t.done for t in trajectories))
     for trajectory in trajectories:
         trajectory.text = tokenizer.decode(trajectory.response_ids, skip_special_tokens=True)
         trajectory.answer = tool_lib.extract_answer(trajectory.text) if trajectory.stop_reason == "answer" else None
@@ -521,15 +358,15 @@ def _continue(trajectory: Trajectory, segment: Segment, tokenizer, tools, config
         trajectory.stop_reason = "max_tool_calls"
         return
     call = _last_call(tokenizer.decode(segment.ids, skip_special_tokens=True), tools)
-    observation = tool_lib.execute(call, tools, config.max_observation_chars)
+    observation, failed = tool_lib.execute(call, tools, config.max_observation_chars)
     response = tokenizer(tool_lib.format_tool_response(observation), add_special_tokens=False).input_ids
     room = config.max_total_tokens - len(trajectory.prompt_ids) - len(trajectory.response_ids)
     if len(response) > room:  # the response does not fit: stop here, without a half response
-        trajectory.tool_calls.append(ToolCallRecord(call, observation, len(trajectory.steps) - 1, (-1, -1)))
+        trajectory.tool_calls.append(ToolCallRecord(call, observation, failed, len(trajectory.steps) - 1, (-1, -1)))
         trajectory.stop_reason = "length"
         return
     span = (len(trajectory.response_ids), len(trajectory.response_ids) + len(response))
-    trajectory.tool_calls.append(ToolCallRecord(call, observation, len(trajectory.steps) - 1, span))
+    trajectory.tool_calls.append(ToolCallRecord(call, observation, failed, len(trajectory.steps) - 1, span))
     trajectory.response_ids += response
     trajectory.loss_mask += [0] * len(response)
     trajectory.logprobs += [0.0] * len(response)
@@ -583,8 +420,8 @@ class TokenBatch:
 
 
 def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
-    prefix_length = shared_prefix_length([t.prompt_ids for t in trajectories])
-    input_ids, attention_mask = pad_batch([t.prompt_ids + t.response_ids for t in trajectories], pad_id,
+    prefix_length = kv_cache.shared_prefix_length([t.prompt_ids for t in trajectories])
+    input_ids, attention_mask = kv_cache.pad_batch([t.prompt_ids + t.response_ids for t in trajectories], pad_id,
                                           prefix_length)
     width = max(1, max(len(t.response_ids) for t in trajectories))
 
@@ -621,9 +458,9 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
     if model.training and _checkpointing(model):
         share_prefix = False
     start = batch.prefix_length if share_prefix else 0
-    cache = prefix_cache(model, batch.input_ids[:1, :start], len(batch), prefix) if start else None
+    cache = kv_cache.prefix_cache(model, batch.input_ids[:1, :start], len(batch), prefix) if start else None
     hidden = model.base_model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                              position_ids=positions(batch.attention_mask)[:, start:], past_key_values=cache,
+                              position_ids=kv_cache.positions(batch.attention_mask)[:, start:], past_key_values=cache,
                               use_cache=cache is not None).last_hidden_state  # [N, L - start, H]
     rows, columns = batch.loss_mask.nonzero(as_tuple=True)  # [K], [K]: every sampled token
     # Row r's response token j sits at input position L - n_r + j (responses are right-aligned in input_ids); the

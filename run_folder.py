@@ -30,10 +30,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from cli import UsageError
 from data import PromptStream
-from eval import mean_of
+from eval import jsonl_line, mean_of
 from vspo import ValueBuffer
 
 
@@ -47,12 +48,16 @@ def saved_args(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 def checkpoint_to_resume(args) -> Path | None:
     """The checkpoint that --resume names (None for a new run), after checking that the run can start from it, and
-    that a new run does not write over an earlier one."""
+    that a new run does not write over an earlier one. A folder whose run stopped before its first checkpoint (its
+    logs, no checkpoint) has nothing to resume: a new run takes it, and says so."""
     checkpoint = find_checkpoint(args.resume) if args.resume else None
     output = Path(args.output_dir)
-    if checkpoint is None and ((output / "metrics.jsonl").exists() or (output / "checkpoints").exists()):
+    if checkpoint is None and newest_checkpoint(output) is not None:
         raise UsageError(f"--output-dir {output} holds an earlier run: continue it with --resume {output}, or "
                          f"choose another --output-dir")
+    if checkpoint is None and (output / "metrics.jsonl").exists():
+        print(f"note: {output} holds a run that stopped before its first checkpoint; this run starts again from "
+              f"step 0 in it and replaces its logs")
     if checkpoint is not None and args.credit == "istar" and not (checkpoint / "prm").exists():
         raise UsageError(f"--resume {checkpoint}: trained with --credit outcome, it has no implicit PRM to resume "
                          f"with --credit istar")
@@ -78,11 +83,12 @@ def save(run, state) -> Path:
     if run.prm:  # a loadable model folder of its own
         run.prm.model.save_pretrained(tmp / "prm")
         run.tokenizer.save_pretrained(tmp / "prm")
+    _open_to_umask(tmp)  # mkdtemp makes the folder private, safetensors the weights: let a teammate's server read them
     if final.exists():  # a checkpoint of this step from a run that went back: set it aside first, atomically
         os.replace(final, tmp.with_name(tmp.name + "-replaced"))
     os.replace(tmp, final)
     _write_atomically(root / "latest", final.name)
-    older = sorted((p for p in root.glob("step-*") if _step_of(p) < state.step), key=_step_of)
+    older = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit() and _step_of(p) < state.step), key=_step_of)
     for stale in older[:max(0, len(older) - (run.args.keep_checkpoints - 1))] + list(root.glob(".tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)  # old checkpoints, and leftovers of runs killed mid-write
     return final
@@ -110,13 +116,24 @@ def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
     state.rng.bit_generator.state = saved["rng"]
 
 
+def _open_to_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir or open would have (0777 / 0666 less the umask), as
+    save_pretrained's own files have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for parent, _, files in os.walk(folder):
+        os.chmod(parent, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o666 & ~umask)
+
+
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -125,12 +142,25 @@ def find_checkpoint(resume: str) -> Path:
     path = Path(resume)
     if (path / "trainer_state.json").exists():
         return path
-    latest = path / "checkpoints" / "latest"
-    checkpoint = path / "checkpoints" / latest.read_text().strip() if latest.exists() else None
-    if checkpoint and (checkpoint / "trainer_state.json").exists():
+    checkpoint = newest_checkpoint(path)
+    if checkpoint is not None:
         return checkpoint
+    if (path / "metrics.jsonl").exists():
+        raise UsageError(f"--resume {resume}: the run there stopped before its first checkpoint, so there is nothing "
+                         f"to resume; run it again without --resume (it starts from step 0 in the same folder)")
     raise UsageError(f"--resume {resume}: no checkpoint there (expected a checkpoint folder with "
-                     f"trainer_state.json, or an output folder with checkpoints/latest)")
+                     f"trainer_state.json, or an output folder with checkpoints/)")
+
+
+def newest_checkpoint(output: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names; else (a kill between a checkpoint's rename and the switch of
+    `latest`) the newest whole one: a step-NNNNNN folder is whole once it exists, since it is renamed into place."""
+    root = output / "checkpoints"
+    latest = root / "latest"
+    if latest.exists() and (root / latest.read_text().strip() / "trainer_state.json").exists():
+        return root / latest.read_text().strip()
+    whole = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    return max(whole, key=_step_of) if whole else None
 
 
 def read_json(path: Path) -> dict:
@@ -165,10 +195,10 @@ class Logger:
     def __init__(self, folder: Path, args, start_step: int):
         self.folder = folder
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
-        for path in (self.metrics_path, self.samples_path):  # a resumed run rewrites what came after its checkpoint
-            if path.exists():
-                rows = [row for row in read_jsonl(path) if row["step"] <= start_step]
-                path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for path in (self.metrics_path, self.samples_path):  # a resumed run rewrites what came after its checkpoint,
+            if path.exists():  # a new run (step 0) what a run that stopped before its first checkpoint wrote
+                rows = [row for row in read_jsonl(path) if row["step"] <= start_step] if start_step else []
+                _write_atomically(path, "".join(jsonl_line(row) for row in rows))
         self.tensorboard = self.wandb = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
@@ -182,8 +212,12 @@ class Logger:
             self.wandb = wandb.init(project="agentic-rl", config=saved_args(args), dir=str(folder))
 
     def log(self, step: int, metrics: dict) -> None:
-        with open(self.metrics_path, "a") as handle:
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name in ("tool_failures", "eval_tool_failures"):
+            if metrics.get(name):  # the agent read error strings where passages should have been: say so
+                tqdm.write(f"step {step}: {metrics[name]:.0f} valid tool calls failed in the tool itself ({name}; "
+                           f"is the retrieval server up?); the agent read the error as its observation")
         for name, value in metrics.items():
             if self.tensorboard and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, step)
@@ -208,8 +242,8 @@ class Logger:
         rows = [{"step": step, "question": g.example.question, "gold": list(g.example.answers), "reward": r.total,
                  "stages": r.stages, "stop_reason": t.stop_reason, "response": t.text}
                 for g in groups for t, r in zip(g.trajectories, g.results)][:count]
-        with open(self.samples_path, "a") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            handle.writelines(jsonl_line(row) for row in rows)
 
     def close(self) -> None:
         if self.tensorboard:
@@ -234,6 +268,7 @@ def step_metrics(trained, everything, stats: dict, update_stats: dict, timer: Ph
                 "trained_on": sum(len(g.scored()) for g in trained),
                 "response_tokens": sampled / max(len(every), 1),
                 "tool_calls": mean_of(len(t.tool_calls) for t, _ in every),
+                "tool_failures": sum(c.failed for t, _ in every for c in t.tool_calls),  # valid calls whose tool raised
                 "rollout_tokens_per_s": sampled / max(timer.seconds["rollout"] + timer.seconds["replacement"], 1e-9)}
     return metrics | update_stats
 
@@ -283,7 +318,7 @@ def time_summary(folder: Path) -> str:
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a jsonl log; a last line cut short by a kill is skipped."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             rows.append(json.loads(line))
     return rows

@@ -1,8 +1,9 @@
 """Every setting of train.py and eval.py: its flag, default and meaning, and the checks argparse cannot make.
 
 `AgentArgs` are what an agent is made of (model, retrieval, tool-loop limits, judge); `EvalArgs` and `TrainArgs`
-extend them. Each field is one command-line flag (cli.py): `lr: float = arg(2e-5, "...")` is `--lr 2e-5`, and its
-help text is what `--help` prints. A check error names the flag and its value.
+extend them. Each field is one command-line flag (cli.py): `lr: float = arg(2e-5, "...", above=0)` is `--lr 2e-5`, its
+help text is what `--help` prints, and a value not above 0 (or nan, or inf) is refused with an error naming the flag.
+cli.check_fields checks them again for settings read back from a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import data
 import models
 import vspo
-from cli import arg, require
+from cli import arg
 
 
 @dataclass
@@ -23,12 +24,12 @@ class AgentArgs:
     corpus: str = arg("wiki", "search corpus: wiki (10,033 Wikipedia summaries, built in) or a Search-R1 corpus "
                               "jsonl file")
     retriever: str = arg("bm25", "bm25 (local index over --corpus) or the URL of a Search-R1 retrieval server")
-    topk: int = arg(3, "passages per search")
+    topk: int = arg(3, "passages per search", low=1)
     passage_chars: int = arg(200, "cut each passage to this many characters (0: whole passages); shorter tool "
-                                  "responses are faster to encode")
-    max_tool_calls: int = arg(2, "tool calls allowed per trajectory")
-    max_new_tokens: int = arg(96, "tokens one model segment may sample before it is cut")
-    max_total_tokens: int = arg(1024, "the most tokens of prompt + response")
+                                  "responses are faster to encode", low=0)
+    max_tool_calls: int = arg(2, "tool calls allowed per trajectory", low=1)
+    max_new_tokens: int = arg(96, "tokens one model segment may sample before it is cut", low=1)
+    max_total_tokens: int = arg(1024, "the most tokens of prompt + response", low=1)
     few_shot: bool = arg(True, "put one worked example in the prompt (small models need it to use the format)")
     device: str = arg("auto", "cpu, cuda, cuda:1 ... (auto: cuda when available)")
     dtype: str = arg("auto", "compute precision: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32",
@@ -45,10 +46,10 @@ class AgentArgs:
 class EvalArgs(AgentArgs):
     task: list[str] = arg(["wiki"], "one or more tasks: wiki, fanoutqa, wiki-long, or Search-R1 question jsonl files")
     split: str = arg("test", "split of the built-in tasks", choices=data.SPLITS)
-    limit: int = arg(0, "evaluate only the first N questions of each task (0: all)")
-    batch_size: int = arg(32, "trajectories generated together")
-    temperature: float = arg(0.0, "0: greedy decoding (the default); > 0 samples")
-    seed: int = arg(0, "random seed (matters only when sampling)")
+    limit: int = arg(0, "evaluate only the first N questions of each task (0: all)", low=0)
+    batch_size: int = arg(32, "trajectories generated together", low=1)
+    temperature: float = arg(0.0, "0: greedy decoding (the default); > 0 samples", low=0)
+    seed: int = arg(0, "random seed (matters only when sampling)", low=0)
     output: str = arg("runs/eval", "folder for the trajectories (one <task>.jsonl each) and metrics.json")
 
 
@@ -62,7 +63,7 @@ class TrainArgs(AgentArgs):
     reward: str = arg("prs", "prs (staged: format, tool call, evidence, answer) or binary (EM; judge match for "
                              "long-form)", choices=("prs", "binary"))
     schedule_steps: int = arg(0, "steps over which PRS moves from format-heavy to answer-heavy weights (default: "
-                                 "--steps of the run's start, kept when it is resumed with more --steps)")
+                                 "--steps of the run's start, kept when it is resumed with more --steps)", low=0)
     # how to learn
     algorithm: str = arg("vspo", "vspo, grpo, dapo or cispo (module docstring)", choices=tuple(vspo.ALGORITHMS))
     replacement: str = arg("", "override the algorithm's dead-group replacement: value, random, filter or none",
@@ -71,74 +72,43 @@ class TrainArgs(AgentArgs):
                           choices=("", "on", "off"))
     credit: str = arg("outcome", "credit assignment: outcome (GRPO advantages) or istar (plus implicit step "
                                  "rewards)", choices=("outcome", "istar"))
-    group_size: int = arg(5, "G, trajectories per prompt (the paper: 5)")
-    prompts_per_step: int = arg(2, "prompts rolled out per step (before replacements)")
-    steps: int = arg(8, "training steps")
-    lr: float = arg(2e-5, "AdamW learning rate (the paper: 1e-6 for 7B models over hundreds of steps)")
+    group_size: int = arg(5, "G, trajectories per prompt (the paper: 5)", low=2)
+    prompts_per_step: int = arg(2, "prompts rolled out per step (before replacements)", low=1)
+    steps: int = arg(8, "training steps", low=1)
+    lr: float = arg(2e-5, "AdamW learning rate (the paper: 1e-6 for 7B models over hundreds of steps)", above=0)
     temperature: float = arg(0.7, "sampling temperature of rollouts (the paper: 1.0; a 135M model writes noise "
-                                  "at 1.0)")
-    top_p: float = arg(1.0, "nucleus sampling of rollouts")
-    clip_eps_low: float = arg(0.2, "PPO clip: ratio floor 1 - eps")
-    clip_eps_high: float = arg(0.2, "PPO clip: ratio ceiling 1 + eps")
+                                  "at 1.0)", above=0)
+    top_p: float = arg(1.0, "nucleus sampling of rollouts", above=0, high=1)
+    clip_eps_low: float = arg(0.2, "PPO clip: ratio floor 1 - eps", low=0, below=1)
+    clip_eps_high: float = arg(0.2, "PPO clip: ratio ceiling 1 + eps", low=0)
     kl_beta: float = arg(0.001, "k3 KL penalty to the initial model (the paper: 0.001); 0 loads no reference "
-                                "model; iStar uses none")
+                                "model; iStar uses none", low=0)
     loss_reduction: str = arg("token-mean", "token-mean over the batch, or seq-mean", choices=vspo.REDUCTIONS)
     mini_batches: int = arg(2, "optimizer steps per rollout batch (the batch is split; from the second on, the "
-                               "policy ratio differs from 1 and clipping acts)")
-    micro_batch_size: int = arg(4, "trajectories per forward/backward pass (gradient accumulation)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    resample_rounds: int = arg(1, "rounds of replacement rollouts for dead groups per step")
-    value_ema: float = arg(0.5, "weight of the newest task value in the buffer's moving average")
-    success_threshold: float = arg(0.5, "iStar: a trajectory whose reward is above this is a success")
+                               "policy ratio differs from 1 and clipping acts)", low=1)
+    micro_batch_size: int = arg(4, "trajectories per forward/backward pass (gradient accumulation)", low=1)
+    max_grad_norm: float = arg(1.0, "gradient clipping", above=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay", low=0)
+    resample_rounds: int = arg(1, "rounds of replacement rollouts for dead groups per step", low=0)
+    value_ema: float = arg(0.5, "weight of the newest task value in the buffer's moving average", above=0, high=1)
+    success_threshold: float = arg(0.5, "iStar: a trajectory whose reward is above this is a success", low=0, below=1)
     istar_lr: float = arg(1e-6, "iStar: learning rate of the implicit PRM (the paper: 1e-6, the same as its "
-                                "policy's; README compares both choices)")
-    istar_beta: float = arg(0.05, "iStar: beta of the step rewards and the DPO loss (the paper: 0.05)")
-    istar_alpha: float = arg(1.0, "iStar: weight of the step advantages (the paper: 1)")
+                                "policy's; README compares both choices)", above=0)
+    istar_beta: float = arg(0.05, "iStar: beta of the step rewards and the DPO loss (the paper: 0.05)", above=0)
+    istar_alpha: float = arg(1.0, "iStar: weight of the step advantages (the paper: 1)", low=0)
     gradient_checkpointing: str = arg("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))
     # bookkeeping
-    seed: int = arg(0, "random seed: data order, sampling, replacement")
+    seed: int = arg(0, "random seed: data order, sampling, replacement", low=0)
     output_dir: str = arg("runs/default", "folder for metrics.jsonl, samples.jsonl, the curves PNG and "
                                           "checkpoints/; a new run needs a folder without an earlier run in it")
-    eval_every: int = arg(0, "evaluate every N steps (0: only before and after training)")
-    eval_size: int = arg(32, "questions per evaluation (greedy)")
-    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
-    samples_per_step: int = arg(2, "trajectories per step written to samples.jsonl for inspection")
+    eval_every: int = arg(0, "evaluate every N steps (0: only before and after training)", low=0)
+    eval_size: int = arg(32, "questions per evaluation (greedy)", low=0)
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)", low=0)
+    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep", low=1)
+    samples_per_step: int = arg(2, "trajectories per step written to samples.jsonl for inspection", low=0)
     resume: str = arg("", "continue from a checkpoint folder, or from the latest checkpoint of an output folder")
     wandb: bool = arg(False, "also log to Weights & Biases (needs `pip install wandb`)")
     plot_only: str = arg("", "redraw the training-curves PNG of an output folder from its metrics.jsonl and exit")
-
-
-def check_agent_args(args: AgentArgs) -> None:
-    """The agent settings argparse cannot check."""
-    for name in ("topk", "max_tool_calls", "max_new_tokens", "max_total_tokens"):
-        require(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
-    require(args.passage_chars >= 0, "passage_chars", args.passage_chars, "must be 0 (whole passages) or more")
-
-
-def check_eval_args(args: EvalArgs) -> None:
-    """The evaluation settings argparse cannot check."""
-    check_agent_args(args)
-    require(args.limit >= 0, "limit", args.limit, "must be 0 (all questions) or more")
-    require(args.batch_size >= 1, "batch_size", args.batch_size, "must be at least 1")
-    require(args.temperature >= 0, "temperature", args.temperature, "must be 0 (greedy) or more")
-
-
-def check_train_args(args: TrainArgs) -> None:
-    """The settings argparse cannot check, each error naming its flag."""
-    check_agent_args(args)
-    require(args.group_size >= 2, "group_size", args.group_size, "GRPO compares the trajectories of one prompt: "
-                                                                 "use at least 2")
-    for name in ("prompts_per_step", "steps", "mini_batches", "micro_batch_size", "keep_checkpoints"):
-        require(getattr(args, name) >= 1, name, getattr(args, name), "must be at least 1")
-    for name in ("schedule_steps", "eval_every", "eval_size", "save_every", "samples_per_step", "resample_rounds",
-                 "kl_beta", "weight_decay", "clip_eps_low", "clip_eps_high"):
-        require(getattr(args, name) >= 0, name, getattr(args, name), "must not be negative")
-    require(args.lr > 0 and args.istar_lr > 0, "lr", args.lr, "learning rates must be positive")
-    require(args.temperature > 0, "temperature", args.temperature, "training samples: use a temperature above 0")
-    require(0 < args.top_p <= 1, "top_p", args.top_p, "must be in (0, 1]")
-    require(0 < args.value_ema <= 1, "value_ema", args.value_ema, "must be in (0, 1]")
 
 
 class Algorithm(NamedTuple):

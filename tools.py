@@ -17,7 +17,8 @@ The contract of this module:
 - `parse_tool_call(body, tools)` returns a `ToolCall`: either valid (`.ok`) or carrying one precise, model-readable
   `.error` (bad JSON, not an object, unknown tool, missing argument, wrongly typed argument, unexpected argument).
 - `execute(call, tools)` never raises: a failed parse, a tool that fails or a backend that times out all become an
-  observation string the model can read. Observations are cut to a character budget.
+  observation string the model can read, cut to a character budget. It also says whether the tool itself failed
+  (raised: a backend down or too slow), which the model's call did not cause and training counts.
 
 Tools: `search` (top-k passages from a local BM25 index or a Search-R1 retrieval server) and `calculator` (safe
 arithmetic: it parses the expression and evaluates only numbers and + - * / // % ** and parentheses; it never
@@ -35,7 +36,7 @@ import string
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -165,16 +166,28 @@ def _short(error: Exception) -> str:
     return _clip(str(error) or type(error).__name__, 120)
 
 
-def execute(call: ToolCall, tools: Mapping[str, Tool], max_chars: int = MAX_OBSERVATION_CHARS) -> str:
-    """Run a parsed call and return the observation text. Never raises: every failure is an observation."""
+class Observation(NamedTuple):
+    text: str  # what the model reads in the tool response
+    failed: bool  # the call was valid but the tool raised (a backend down or too slow): not the model's doing
+
+
+def execute(call: ToolCall, tools: Mapping[str, Tool], max_chars: int = MAX_OBSERVATION_CHARS) -> Observation:
+    """Run a parsed call and return the observation. Never raises: every failure is an observation.
+
+    >>> broken = {"search": search_tool(lambda query, k: 1 / 0)}
+    >>> execute(parse_tool_call('{"name": "search", "arguments": {"query": "Nile"}}', broken), broken)
+    Observation(text="Error: tool 'search' failed: division by zero", failed=True)
+    """
     if not call.ok:
-        observation = f"Error: {call.error}"
+        text, failed = f"Error: {call.error}", False
     else:
         try:
-            observation = str(tools[call.name].function(**call.arguments))
+            text, failed = str(tools[call.name].function(**call.arguments)), False
         except Exception as error:  # a tool is model-facing: whatever it raises, the model reads it
-            observation = f"Error: tool {call.name!r} failed: {_short(error)}"
-    return truncate(observation, max_chars)
+            text, failed = f"Error: tool {call.name!r} failed: {_short(error)}", True
+    # What UTF-8 cannot encode (a lone surrogate the model wrote as "\ud800" and a tool echoed) becomes "?": the
+    # observation is tokenized next, and tokenizers refuse such text.
+    return Observation(truncate(text.encode("utf-8", "replace").decode("utf-8"), max_chars), failed)
 
 
 def truncate(text: str, max_chars: int) -> str:

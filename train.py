@@ -1,6 +1,6 @@
 """Train a tool-using QA agent with PRS rewards, VSPO sampling and (optionally) iStar credit, on one GPU or a CPU.
 
-    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~13 min
+    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~9 min
     python train.py --model Qwen2.5-1.5B --lr 1e-6 --temperature 1.0 --steps 500 --prompts-per-step 32
     python train.py --resume runs/default --steps 16  # continue where the last checkpoint left off
 
@@ -22,7 +22,7 @@ grpo (no replacement: dead groups give no gradient and are left out), dapo (dead
 prompts), cispo (GRPO sampling with the CISPO loss). --replacement and --value-clip override the sampling parts for
 ablations (e.g. VSPO with random replacement).
 
-The defaults train the embedded model on a laptop CPU in about 13 minutes; README ("Training on a GPU") gives the
+The defaults train the embedded model on a laptop CPU in about 9 minutes; README ("Training on a GPU") gives the
 paper's settings for a GPU.
 """
 
@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,8 +49,8 @@ import prs
 import rollout
 import run_folder
 import vspo
-from cli import UsageError, parse, require
-from settings import Algorithm, TrainArgs, algorithm_of, check_train_args
+from cli import UsageError, check_fields, parse, require
+from settings import Algorithm, TrainArgs, algorithm_of
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,6 +142,9 @@ def score(run: Run, groups: list[Group], step: int) -> list[Group]:
         results = [prs.prs_reward(t.text, t.example.answers, run.tools, **schedule) for t in trajectories]
     else:
         results = [prs.binary_reward(t.text, t.example.answers) for t in trajectories]
+    # A reward that is not a finite number (nan from a custom reward or judge) would make its whole group's
+    # advantages nan: it is unscored instead, left out of the update and counted, like a failed judge call.
+    results = [r if r.total is None or math.isfinite(r.total) else replace(r, total=None) for r in results]
     for i, group in enumerate(groups):
         group.results = results[i * len(group.trajectories):(i + 1) * len(group.trajectories)]
     return groups
@@ -357,7 +361,7 @@ def evaluate(run: Run) -> dict:
         return {}
     with run.autocast():
         metrics, _ = evaluation.evaluate(run.policy, run.tokenizer, run.eval_examples, run.tools, run.eval_config,
-                                         run.judge)
+                                         run.judge, progress="evaluating")
     return {f"eval_{name}": value for name, value in metrics.items()}
 
 
@@ -432,7 +436,7 @@ def main(argv=None) -> None:
             return
         if args.resume:
             args = run_folder.resumed_args(args, argv)
-        check_train_args(args)
+        check_fields(args)  # also the settings a resumed run read back
         final = train(args)
     except evaluation.USER_ERRORS as error:
         sys.exit(f"error: {error}")

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import kv_cache  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
 import tools  # noqa: E402
@@ -48,7 +49,7 @@ def hf_generate_loop(model, tokenizer, examples, registry, config):
     sampled = tool = 0
     stops = list(rollout.STOP_STRINGS)
     while active:
-        ids, mask = rollout.pad_batch([contexts[i] for i in active], tokenizer.pad_token_id)
+        ids, mask = kv_cache.pad_batch([contexts[i] for i in active], tokenizer.pad_token_id)
         budget = min(config.max_new_tokens, config.max_total_tokens - max(len(contexts[i]) for i in active))
         if budget <= 0:
             break
@@ -65,7 +66,7 @@ def hf_generate_loop(model, tokenizer, examples, registry, config):
                 calls[i] += 1
                 bodies = tools.find_tool_calls(text)
                 call = tools.parse_tool_call(bodies[-1], registry) if bodies else tools.ToolCall(text, error="no call")
-                response = tokenizer(tools.format_tool_response(tools.execute(call, registry)),
+                response = tokenizer(tools.format_tool_response(tools.execute(call, registry).text),
                                      add_special_tokens=False).input_ids
                 contexts[i] += response
                 tool += len(response)

@@ -134,3 +134,29 @@ def test_missing_and_empty_files(tmp_path):
         data.load_task(str(tmp_path / "absent.jsonl"))
     with pytest.raises(data.DataError, match="no questions"):
         data.read_questions_jsonl(write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_a_file_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"question": "ok?", "golden_answers": ["a"]}).encode() + b"\n"
+                     + '{"question": "café?", "golden_answers": ["a"]}'.encode("latin-1") + b"\n")
+    with pytest.raises(data.DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9, the line's byte 18\)"):
+        data.read_questions_jsonl(path)
+
+
+def test_a_line_cut_short_points_at_its_end(tmp_path):
+    line = json.dumps({"question": "q?", "golden_answers": ["a"]})[:-1]  # the closing brace lost
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps({"question": "ok?", "golden_answers": ["a"]}), line])
+    with pytest.raises(data.DataError) as error:
+        data.read_questions_jsonl(path)
+    assert f":2: not valid JSON (Expecting ',' delimiter: column {len(line) + 1}; the line ends before the JSON " \
+           f"does: is it cut short?)" in str(error.value)
+    path = write_lines(tmp_path / "r.jsonl", ['{"question": "q?" "golden_answers": ["a"]}'])
+    with pytest.raises(data.DataError, match=r"r.jsonl:1: not valid JSON \(Expecting ',' delimiter: column 19\)$"):
+        data.read_questions_jsonl(path)
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "q?", "golden_answers": ["a"]}).encode() + b"\r\n")
+    assert data.read_questions_jsonl(path)[0].question == "q?"

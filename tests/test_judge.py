@@ -34,8 +34,9 @@ API_KEY = "sk-test-SECRET-4f9a1c"
 
 
 class ChatServer:
-    """Speaks POST /v1/chat/completions. `reply(request)` returns (status, assistant text) and may sleep; `request`
-    holds the parsed body, the headers and its 1-based arrival number."""
+    """Speaks POST /v1/chat/completions. `reply(request)` returns (status, assistant text), or ("raw", body) for a
+    200 whose body is exactly `body`, and may sleep; `request` holds the parsed body, the headers and its 1-based
+    arrival number."""
 
     def __init__(self, reply):
         self.reply, self.requests, self.lock = reply, [], threading.Lock()
@@ -49,8 +50,11 @@ class ChatServer:
                     server.requests.append({"path": self.path, "body": body, "headers": headers})
                     request = dict(server.requests[-1], n=len(server.requests))
                 status, text = server.reply(request)
-                payload = (json.dumps(chat_completion(text, body["model"])) if status == 200
-                           else json.dumps({"error": {"message": text, "type": "server_error"}}))
+                if status == "raw":  # the body exactly as given, with status 200: a reply cut short, garbage
+                    status, payload = 200, text
+                else:
+                    payload = (json.dumps(chat_completion(text, body["model"])) if status == 200
+                               else json.dumps({"error": {"message": text, "type": "server_error"}}))
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -263,3 +267,43 @@ def test_binary_longform_reward_thresholds_the_judge(chat_server):
 
 def test_docstring_examples_hold():
     assert doctest.testmod(judge_lib).failed == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Whatever a server answers, a judge call ends as a score or as unscored and counted
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body", ['{"choices": [', "not json at all", "", '{"choices": "none"}', "[1, 2]",
+                                  '{"choices": [{"message": {"content": 7}}]}'])
+def test_a_200_the_client_cannot_read_is_retried_then_unscored_and_counted(chat_server, body):
+    server = chat_server(lambda request: ("raw", body))
+    judge = make_judge(server, max_retries=2)
+    assert judge.score("Q?", "R.", "A.") is None
+    stats = judge.stats
+    assert stats["failures"] + stats["unparseable"] == 1 and stats["scored"] == 0
+    assert stats["requests"] == (3 if stats["failures"] else 1)  # a reply that cannot be read is asked again
+
+
+def test_a_deeply_nested_or_huge_verdict_is_no_verdict_in_bounded_work(chat_server, monkeypatch):
+    server = chat_server(lambda request: (200, '{"score": ' + "[" * 3000))
+    judge = make_judge(server)
+    assert judge.score("Q?", "R.", "A.") is None and judge.stats["unparseable"] == 1
+    decoded = []
+    real = json.JSONDecoder.raw_decode
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", lambda self, text, start=0: decoded.append(start) or real(
+        self, text, start))
+    assert parse_verdict("{" * 100_000) is None and parse_verdict('{"a": {' * 50_000) is None
+    assert len(decoded) <= 2 * judge_lib.MAX_OBJECTS_TRIED  # not one attempt per brace
+    assert parse_verdict("x" * 30_000 + '{"score": 7}') is None  # beyond what is read: no verdict
+    assert parse_verdict("{" * 40 + ' {"score": 7, "reason": "ok"}') == (0.7, "ok")
+
+
+def test_any_text_a_model_writes_is_judged_and_cached(chat_server, tmp_path):
+    server = chat_server(lambda request: (200, '{"score": 8, "reason": "\\ud800 odd"}'))
+    path = tmp_path / "cache.jsonl"
+    judge = make_judge(server, cache_path=str(path))
+    assert judge.score("Capital of \ud800 France?", "Paris.", "\ud800 Paris") == 0.8  # a lone surrogate
+    assert "\\ud800" not in json.dumps(server.requests[0]["body"])  # sent as text the server can read
+    path.read_text(encoding="utf-8")
+    resumed = make_judge(server, cache_path=str(path))
+    assert resumed.score("Capital of \ud800 France?", "Paris.", "\ud800 Paris") == 0.8
+    assert resumed.stats["cache_hits"] == 1 and len(server.requests) == 1

@@ -63,6 +63,15 @@ def test_each_piece_copies_out_and_its_doctests_pass_there(piece, tmp_path):
     assert loaded & project == {Path(name).stem for name in PIECES[piece]}, "imports beyond what README lists"
 
 
+@pytest.mark.parametrize("module", sorted(path.stem for path in ROOT.glob("*.py")))
+def test_every_modules_examples_hold(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0
+
+
 def test_readme_lists_what_each_piece_needs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Using the pieces elsewhere", 1)[1].split("\n## ", 1)[0]

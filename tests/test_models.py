@@ -42,6 +42,18 @@ def test_unreachable_hub_name_gives_one_clear_error():
     assert "--model smollm2-135m" in result.stdout and "Traceback" not in result.stdout
 
 
+def test_a_hub_that_cannot_be_reached_fails_at_once(monkeypatch):
+    # Nothing listens on port 9: the hub client would retry each file five times (over 50 s) before its error.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    calls = []
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(models.ModelLoadError, match=r"--model 'someone/no-such-model': the Hugging Face hub "
+                                                    r"\(http://127.0.0.1:9\) cannot be reached \(ConnectError"):
+        models.load_model("someone/no-such-model")
+    assert not calls  # it never got as far as the hub client
+
+
 def test_tiny_model_has_the_embedded_tokenizer_and_generates(tiny, embedded):
     model, tokenizer = tiny
     assert len(tokenizer) == len(embedded[1]) == 49152

@@ -5,11 +5,15 @@ sequence, so masks, spans, stop points and tool responses can be checked exactly
 model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import LogitsProcessor
 
 import data
+import eval as evaluation
+import kv_cache
 import models
 import prs
 import rollout
@@ -129,6 +133,29 @@ def test_masks_spans_and_tool_responses_are_exact(model, tok):
     assert all(lp < 0 for lp in (p for p, m in zip(t.logprobs, t.loss_mask) if m))
 
 
+def test_a_lone_surrogate_in_a_call_is_run_and_its_record_written(model, tok, tmp_path):
+    # The model writes the JSON escape \ud800 (six ASCII characters): the query holds a lone surrogate, the backend
+    # echoes it into the observation, and the trajectory's record must still be written and read back.
+    odd_call = ["<tool_call>", '{"name": "search", "arguments": {"query": "\\ud800 Paris"}}', "</tool_call>"]
+    (t,) = run(model, tok, {"a": [odd_call, ANSWER]})
+    assert t.stop_reason == "answer" and t.tool_calls[0].call.arguments == {"query": "\ud800 Paris"}
+    assert "You searched for ? Paris." in t.tool_calls[0].observation
+    path = tmp_path / "records.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(evaluation.jsonl_line(evaluation._record(t, None)))
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["calls"][0]["arguments"]["query"] == "\ud800 Paris" and record["answer"] == "Nile"
+
+
+def test_progress_hears_how_many_trajectories_finished(model, tok):
+    heard = []
+    config = RolloutConfig(group_size=2, temperature=1.0, max_new_tokens=64)
+    examples = [Example(id=key, question=f"Question {key}?", answers=("Nile",)) for key in "ab"]
+    rollout.rollout(model, tok, examples, TOOLS, config, progress=heard.append,
+                    logits_processors=[Scripted(tok, {"a": [ANSWER], "b": [CALL, ANSWER]})])
+    assert heard == sorted(heard) and heard[-1] == 4 and heard[0] == 2  # a's two answer in the first round
+
+
 def test_the_call_that_runs_is_the_call_the_reward_scores(model, tok):
     # A segment that opens <tool_call> twice: the reward (prs.tool_call_score) reads the body from the first opening,
     # which is not valid JSON; the rollout must not run the inner, valid-looking call and report it as valid.
@@ -222,13 +249,13 @@ def test_keeping_each_rows_keys_and_values_across_rounds_changes_nothing(model, 
 def test_batch_cache_lays_out_kept_rows_after_the_shared_prefix(model):
     contexts = [[5, 6, 7, 8, 9], [5, 6, 11, 12]]
     with torch.no_grad():
-        prefix = rollout.prefix_cache(model, torch.tensor([[5, 6]]), rows=1)
+        prefix = kv_cache.prefix_cache(model, torch.tensor([[5, 6]]), rows=1)
         kept = []
         for context in contexts:  # each row encoded alone, all of it but its last token
             cache = model(input_ids=torch.tensor([context[:-1]]), use_cache=True).past_key_values
-            kept.append(rollout.row_cache(cache, torch.ones(1, len(context) - 1), 0, prefix_length=2))
+            kept.append(kv_cache.row_cache(cache, torch.ones(1, len(context) - 1), 0, prefix_length=2))
     assert [row.length for row in kept] == [2, 1]
-    cache, mask = rollout.batch_cache(prefix, kept, prefix_length=2, room=3)
+    cache, mask = kv_cache.batch_cache(prefix, kept, prefix_length=2, room=3)
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
     for layer, alone in zip(cache.layers, kept[1].keys):
         assert torch.equal(layer.keys[1, :, 3:], alone) and (layer.keys[1, :, 2] == 0).all()
@@ -329,14 +356,14 @@ def test_prompt_describes_the_tools_and_holds_the_question(tok):
 
 def test_pad_batch_keeps_each_rows_tokens_at_positions_from_zero():
     rows = [[5, 6, 7, 8, 9], [5, 6, 1], [5, 6, 2, 3]]
-    prefix = rollout.shared_prefix_length(rows)
+    prefix = kv_cache.shared_prefix_length(rows)
     assert prefix == 2
-    ids, mask = rollout.pad_batch(rows, pad_id=0, prefix_length=prefix)
-    position = rollout.positions(mask)
+    ids, mask = kv_cache.pad_batch(rows, pad_id=0, prefix_length=prefix)
+    position = kv_cache.positions(mask)
     for row, seq in enumerate(rows):
         assert ids[row][mask[row].bool()].tolist() == seq
         assert position[row][mask[row].bool()].tolist() == list(range(len(seq)))
-    assert rollout.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps a token of its own
+    assert kv_cache.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps a token of its own
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -74,9 +74,9 @@ def test_find_tool_calls_ignores_unclosed_blocks():
 
 def test_execute_runs_the_tool_and_reports_errors_as_observations():
     ok = execute(parse_tool_call('{"name": "search", "arguments": {"query": "Nile"}}', TOOLS), TOOLS)
-    assert ok.startswith("Doc 1 (Title: Nile) The Nile is a river.")
+    assert ok.text.startswith("Doc 1 (Title: Nile) The Nile is a river.") and not ok.failed
     bad = execute(parse_tool_call('{"name": "nope", "arguments": {}}', TOOLS), TOOLS)
-    assert bad.startswith("Error: unknown tool 'nope'")
+    assert bad.text.startswith("Error: unknown tool 'nope'") and not bad.failed  # the model's error, not the tool's
 
 
 def test_a_tool_that_raises_becomes_an_observation():
@@ -85,14 +85,14 @@ def test_a_tool_that_raises_becomes_an_observation():
 
     registry = {"search": search_tool(broken)}
     observation = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry), registry)
-    assert observation == "Error: tool 'search' failed: index offline"
+    assert observation == ("Error: tool 'search' failed: index offline", True)
 
 
 def test_observations_are_truncated_to_the_budget():
     long_backend = lambda query, k: [tools.Passage("T", "word " * 2000, 1.0)]  # noqa: E731
     registry = {"search": search_tool(long_backend)}
     observation = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry), registry,
-                          max_chars=300)
+                          max_chars=300).text
     assert len(observation) == 300 and observation.endswith("…[truncated]")
     assert tools.truncate("short", 300) == "short"
 
@@ -119,7 +119,7 @@ def test_parse_and_execute_never_raise(body):
     call = parse_tool_call(body, TOOLS)
     assert call.ok == (call.error is None)
     observation = execute(call, TOOLS, max_chars=200)
-    assert isinstance(observation, str) and len(observation) <= 200
+    assert isinstance(observation.text, str) and len(observation.text) <= 200
     find_tool_calls(f"<tool_call>{body}</tool_call>{body}")
 
 
@@ -272,11 +272,24 @@ def test_search_r1_client_speaks_the_api(retrieval_server):
 def test_search_r1_failures_become_observations(retrieval_server, mode, message):
     RetrievalHandler.mode = mode
     registry = {"search": search_tool(SearchR1Client(retrieval_server, timeout=0.3))}
-    observation = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry), registry)
+    call = parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry)
+    observation, failed = execute(call, registry)
     assert observation.startswith("Error: tool 'search' failed: retrieval server") and message in observation
+    assert failed
 
 
 def test_search_r1_unreachable_server():
     registry = {"search": search_tool(SearchR1Client("http://127.0.0.1:9", timeout=0.5))}
-    observation = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry), registry)
-    assert "unreachable or too slow" in observation
+    observation, failed = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry),
+                                  registry)
+    assert "unreachable or too slow" in observation and failed
+
+
+def test_an_observation_is_text_any_tokenizer_takes():
+    # A model can write "\ud800" in a call's JSON: the query then holds a lone surrogate, which a backend may echo.
+    registry = {"search": search_tool(lambda query, k: [tools.Passage("Echo", f"you asked {query}", 1.0)])}
+    call = parse_tool_call('{"name": "search", "arguments": {"query": "\\ud800 Paris"}}', registry)
+    assert call.ok and call.arguments["query"] == "\ud800 Paris"
+    observation = execute(call, registry)
+    assert observation.text.endswith("you asked ? Paris") and not observation.failed
+    observation.text.encode("utf-8")

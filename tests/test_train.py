@@ -4,8 +4,10 @@ each time); the command-line tests run real subprocesses."""
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import torch
 
 import eval as evaluation
 import models
+import prs
 import rollout
 import run_folder
 import settings
@@ -121,6 +124,14 @@ def test_resume_continues_exactly(tiny_agent, tmp_path):
     weights = [(folder / "checkpoints" / "step-000003" / "model.safetensors").read_bytes()
                for folder in (whole, split, extended)]
     assert weights[0] == weights[1] == weights[2]
+    # every step really updated (so the AdamW moments restored on resume were used), and they match too
+    assert all(row["trained_on"] > 0 and row["skipped_updates"] == 0.0 for row in rows(whole)[1:])
+    assert weights[0] != (whole / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
+    states = [torch.load(folder / "checkpoints" / "step-000003" / "optimizer.pt")["optimizer"]["state"]
+              for folder in (whole, split, extended)]
+    assert states[0] and all(state[0]["step"] == 3 * 2 for state in states)  # 2 mini-batches a step
+    for other in states[1:]:
+        assert all(torch.equal(states[0][key][name], other[key][name]) for key in states[0] for name in states[0][key])
     assert sorted(p.name for p in (whole / "checkpoints").glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3)]
     assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
@@ -295,7 +306,7 @@ def test_help_explains_every_flag():
     for field in dataclasses.fields(settings.TrainArgs):
         flag = "--" + field.name.replace("_", "-")
         assert flag in result.stdout, flag
-    assert "(default: 5)" in result.stdout  # the group size, with its default
+    assert "(the paper: 5) (default: 5); at least 2" in " ".join(result.stdout.split())  # the group size
 
 
 def test_a_bad_flag_on_the_command_line_is_named():
@@ -311,9 +322,8 @@ def test_a_bad_flag_on_the_command_line_is_named():
     (train.main, ["--resume", "/no/such/run"], "error: --resume /no/such/run: no checkpoint there"),
     (train.main, ["--retriever", "elastic"], "error: --retriever 'elastic': use bm25 or the http(s) URL"),
     (train.main, ["--step", "3"], "unrecognized arguments: --step 3"),
-    (train.main, ["--group-size", "1"], "error: --group-size 1: GRPO compares the trajectories of one prompt"),
-    (train.main, ["--mini-batches", "0"], "error: --mini-batches 0: must be at least 1"),
-    (train.main, ["--temperature", "0"], "error: --temperature 0.0: training samples"),
+    (train.main, ["--retriever", "http://127.0.0.1:9"], "error: --retriever 'http://127.0.0.1:9': retrieval server "
+                                                        "http://127.0.0.1:9/retrieve unreachable"),
     (train.main, ["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda or cuda:N"),
     (train.main, ["--plot-only", "/no/such/run"], "error: --plot-only /no/such/run: no metrics.jsonl there"),
     (evaluation.main, ["--split", "dev"], "argument --split: invalid choice: 'dev'"),
@@ -341,5 +351,149 @@ def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "ok?", "golden_answers": ["a"]}) + "\n" + json.dumps({"question": "q"}))
     with pytest.raises(SystemExit) as stop:
+        evaluation.main(["--task", str(bad), "--model", models.TINY, "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"would replace files already there \(bad.jsonl: an earlier evaluation, or a "
+                                         r"task file\)"):  # the task file itself is never written over
         evaluation.main(["--task", str(bad), "--model", models.TINY, "--output", str(tmp_path)])
     assert f"{bad}:2: missing field 'golden_answers'" in str(stop.value.code)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing crashes, nothing is lost
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, message", [
+    ("--istar-lr", "-1", "--istar-lr -1.0: must be above 0"),
+    ("--max-grad-norm", "-1", "--max-grad-norm -1.0: must be above 0"),
+    ("--max-grad-norm", "0", "--max-grad-norm 0.0: must be above 0"),
+    ("--lr", "inf", "--lr inf: must be a finite number above 0"),
+    ("--kl-beta", "inf", "--kl-beta inf: must be a finite number at least 0"),
+    ("--temperature", "inf", "--temperature inf: must be a finite number above 0"),
+    ("--temperature", "0", "--temperature 0.0: must be above 0"),
+    ("--success-threshold", "nan", "--success-threshold nan: must be a finite number in [0, 1)"),
+    ("--istar-alpha", "nan", "--istar-alpha nan: must be a finite number at least 0"),
+    ("--istar-beta", "-5", "--istar-beta -5.0: must be above 0"),
+    ("--clip-eps-low", "5", "--clip-eps-low 5.0: must be in [0, 1)"),
+    ("--group-size", "1", "--group-size 1: must be at least 2"),
+    ("--top-p", "1.5", "--top-p 1.5: must be in (0, 1]"),
+    ("--seed", "-1", "--seed -1: must be at least 0"),
+])
+def test_every_number_is_checked_against_its_range_naming_its_flag(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main([flag, value])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_numbers_are_checked_too(capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--temperature", "nan"])
+    assert "--temperature nan: must be a finite number at least 0" in capsys.readouterr().err
+
+
+def test_help_shows_ranges_and_no_empty_choice():
+    result = run_cli("train.py", "--help")
+    assert "{," not in result.stdout and "{value,random,filter,none}" in result.stdout
+    assert "(default: 1.0); above 0" in " ".join(result.stdout.split())  # --max-grad-norm's range
+
+
+class RetrievalHandler(BaseHTTPRequestHandler):
+    """A Search-R1 retrieval server that answers its first request (the check at start) and fails every later one."""
+
+    requests = 0
+
+    def do_POST(self):
+        RetrievalHandler.requests += 1
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if RetrievalHandler.requests > 1:
+            self.send_error(503)
+            return
+        body = json.dumps({"result": [[{"document": {"contents": '"Nile"\nA river.'}, "score": 1.0}]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_failed_searches_are_counted_per_step_and_said(tiny_agent, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RetrievalHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    RetrievalHandler.requests = 0
+    try:
+        train.main(small(tiny_agent, tmp_path, "--steps", "1", "--retriever",
+                         f"http://127.0.0.1:{server.server_address[1]}"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    metrics = rows(tmp_path)
+    assert RetrievalHandler.requests > 1 and metrics[1]["tool_failures"] > 0
+    failed = metrics[0]["eval_tool_failures"] + metrics[1]["tool_failures"] + metrics[1]["eval_tool_failures"]
+    assert failed == RetrievalHandler.requests - 1  # every search after the check at start, none unsaid
+    assert "valid tool calls failed in the tool itself" in capsys.readouterr().out
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_started_again_in_its_folder(vspo_run, tiny_agent, tmp_path,
+                                                                                 capsys):
+    run = copy_run(vspo_run, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints")  # what a kill after the first evaluation, before the first save, leaves
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint, so there is nothing to resume"):
+        train.main(["--resume", str(run)])
+    train.main(small(tiny_agent, run, "--steps", "2"))
+    assert "holds a run that stopped before its first checkpoint; this run starts again" in capsys.readouterr().out
+    assert [row["step"] for row in rows(run)] == [0, 1, 2]
+    assert_same_steps(rows(vspo_run), rows(run), [0, 1, 2])  # the same run again, its logs not doubled
+    assert (run / "samples.jsonl").read_text() == (vspo_run / "samples.jsonl").read_text()
+
+
+def test_a_checkpoint_renamed_into_place_is_found_without_latest(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    (run / "checkpoints" / "latest").unlink()  # a kill between the rename and the switch of `latest`
+    assert run_folder.find_checkpoint(str(run)).name == "step-000002"
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        train.main(["--output-dir", str(run)])
+
+
+def test_checkpoints_are_readable_as_the_umask_says(vspo_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint = vspo_run / "checkpoints" / "step-000002"
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o777 & ~umask
+    for path in checkpoint.iterdir():
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_a_non_finite_reward_is_unscored_and_counted(tiny_agent, tmp_path, monkeypatch):
+    # A custom reward (or judge) that returns nan: its group must not turn into nan advantages.
+    run, state = train.setup(parse(settings.TrainArgs, small(tiny_agent, tmp_path)))
+    groups = train.roll_out(run, state.stream.take(2), replays=[0, 0])
+    real = prs.prs_reward
+    verdicts = iter([float("nan"), float("inf")] + [None] * 100)
+
+    def odd_reward(*args, **kwargs):
+        result = real(*args, **kwargs)
+        odd = next(verdicts)
+        return result if odd is None else dataclasses.replace(result, total=odd)
+
+    monkeypatch.setattr(prs, "prs_reward", odd_reward)
+    groups = train.score(run, groups, step=0)
+    assert [r.total is None for r in groups[0].results][:2] == [True, True]
+    assert len(groups[0].scored()) == len(groups[0].trajectories) - 2
+    _, _, stats = train.replace_dead_groups(run, state, groups)
+    assert stats["unscored"] >= 2
+    batch = train.make_batch(run, groups)
+    assert torch.isfinite(train.advantages(run, batch, None)).all()
+
+
+def test_eval_never_writes_over_an_earlier_evaluation_and_shows_progress(tiny_agent, tmp_path, capsys):
+    arguments = ["--model", str(tiny_agent), "--limit", "2", "--output", str(tmp_path), "--max-new-tokens", "24",
+                 "--no-few-shot", "--passage-chars", "60"]
+    evaluation.main(arguments)
+    assert "question" in capsys.readouterr().err  # the progress bar
+    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match=r"--output .* would replace files already there \(wiki.jsonl, metrics.json"):
+        evaluation.main(arguments)
+    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before
