@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cli import UsageError
 from data import PromptStream
 from eval import jsonl_line, mean_of
+from prs import format_score
 from vspo import ValueBuffer
 
 
@@ -258,14 +259,17 @@ def step_metrics(trained, everything, stats: dict, update_stats: dict, timer: Ph
     reward, its stages, EM, answers and tool calls; the replacement counts; then the update's diagnostics."""
     every = [(t, r) for g in everything for t, r in zip(g.trajectories, g.results)]
     metrics = {"reward": mean_of(r.total for _, r in every), "exact_match": mean_of(r.exact_match for _, r in every),
-               "answered": mean_of(t.answer is not None for t, _ in every)}
+               "answered": mean_of(t.answer is not None for t, _ in every),
+               "well_formed": mean_of(format_score(t.text) for t, _ in every)}  # whatever the reward, PRS's format
     for stage in sorted({s for _, r in every for s in r.stages}):
         metrics[f"stage_{stage}"] = mean_of(r.stages.get(stage) for _, r in every)
     sampled = sum(sum(t.loss_mask) for t, _ in every)
     metrics |= {"dead_fraction": stats["dead_fraction"],
                 "extra_rollouts_per_prompt": stats["extra_rollouts"] / prompts_per_step,
                 "replayed_prompts": stats["replayed"], "unscored": stats["unscored"],
+                "trajectories": len(every),  # sampled this step: prompts x G, plus the replacements
                 "trained_on": sum(len(g.scored()) for g in trained),
+                "dead_in_batch": mean_of(g.dead for g in trained),  # after replacement: zero-advantage groups
                 "response_tokens": sampled / max(len(every), 1),
                 "tool_calls": mean_of(len(t.tool_calls) for t, _ in every),
                 "tool_failures": sum(c.failed for t, _ in every for c in t.tool_calls),  # valid calls whose tool raised
@@ -329,9 +333,9 @@ def read_jsonl(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 PLOTS = (  # panel title -> metrics drawn in it
     ("reward", ("reward", "stage_format", "stage_tool_call", "stage_evidence", "stage_answer", "stage_judge")),
-    ("answers and calls (training rollouts)", ("exact_match", "answered", "tool_calls")),
+    ("answers and calls (training rollouts)", ("exact_match", "answered", "well_formed", "tool_calls")),
     ("evaluation (greedy, held out)", ("eval_em", "eval_f1", "eval_format", "eval_answered", "eval_la_bleu")),
-    ("dead groups and replacements", ("dead_fraction", "extra_rollouts_per_prompt")),
+    ("dead groups and replacements", ("dead_fraction", "dead_in_batch", "extra_rollouts_per_prompt")),
     ("policy update", ("kl_ref", "approx_kl", "clip_fraction")),
     ("response length (tokens)", ("response_tokens",)),
 )

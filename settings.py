@@ -117,8 +117,11 @@ class Algorithm(NamedTuple):
     replacement: str  # how dead groups are replaced: value | random | filter | none (vspo.choose_replacements)
     value_clip: bool  # value-smoothing clipping of replayed prompts' advantages
     loss: str  # ppo | cispo
+    drop_dead: bool  # dead groups left out of the batch (DAPO's filter); otherwise they stay with advantage 0
 
 
 def algorithm_of(args: TrainArgs) -> Algorithm:
     replacement, value_clip, loss = vspo.ALGORITHMS[args.algorithm]
-    return Algorithm(args.replacement or replacement, {"on": True, "off": False}.get(args.value_clip, value_clip), loss)
+    replacement = args.replacement or replacement
+    return Algorithm(replacement, {"on": True, "off": False}.get(args.value_clip, value_clip), loss,
+                     drop_dead=replacement == "filter")

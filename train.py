@@ -18,8 +18,8 @@ One training step is the algorithm; the loop in `train` makes one call per line 
     log, evaluate, checkpoint                                                 run_folder.py
 
 --algorithm picks the paper's method or a baseline: vspo (value-based replacement + value-smoothing clipping),
-grpo (no replacement: dead groups give no gradient and are left out), dapo (dead groups refilled with fresh
-prompts), cispo (GRPO sampling with the CISPO loss). --replacement and --value-clip override the sampling parts for
+grpo (vanilla: no replacement; dead groups stay in the batch with advantage 0, as TRL and verl run it), dapo (dead
+groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and --value-clip override the sampling parts for
 ablations (e.g. VSPO with random replacement).
 
 The defaults train the embedded model on a laptop CPU in about 9 minutes; README ("Training on a GPU") gives the
@@ -181,6 +181,17 @@ def replace_dead_groups(run: Run, state: State, groups: list[Group]):
             state.buffer.update(group.example.id, vspo.task_value([reward for _, reward in group.scored()]))
     stats["unscored"] = sum(r.total is None for g in everything for r in g.results)
     return groups, everything, stats
+
+
+def groups_to_train(run: Run, groups: list[Group], everything: list[Group]) -> list[Group]:
+    """The groups the update trains on (METHOD.md §3.5). GRPO and VSPO keep a dead group in the batch, as TRL and verl
+    run GRPO: its advantages are 0, but its tokens count in the token-mean and in the KL term. DAPO's filter leaves
+    dead groups out (they were refilled with fresh prompts). With iStar every group rolled out this step is trained
+    on, the replaced dead ones too: their episode advantage is 0, but their steps get step advantages (istar.py).
+    A group with no scored trajectory (every judge call failed) has nothing to train on."""
+    if run.prm is not None:
+        return [g for g in everything if g.scored()]
+    return [g for g in groups if g.scored() and not (run.algorithm.drop_dead and g.dead)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -389,9 +400,7 @@ def train(args: TrainArgs) -> dict:
             groups = score(run, groups, state.step)
         with timer("replacement"):
             groups, everything, stats = replace_dead_groups(run, state, groups)
-        # OUR READING: with iStar, dead groups stay in the batch: their episode advantage is 0, but their steps get
-        # step advantages (istar.py). Otherwise a dead group has no gradient and is left out.
-        trained = [g for g in (everything if run.prm else groups) if g.scored() and (run.prm or not g.dead)]
+        trained = groups_to_train(run, groups, everything)
         state.step += 1
         update_stats = {"skipped_updates": 1.0}
         if trained:
@@ -405,7 +414,8 @@ def train(args: TrainArgs) -> dict:
             with timer("update"):
                 update_stats = update(run, state, batch, token_advantages) | istar_stats
         else:
-            tqdm.write(f"step {state.step}: every group is dead (all rewards equal); no update")
+            tqdm.write(f"step {state.step}: no group to train on (every group dead and dropped, or unscored); "
+                       f"no update")
         metrics = run_folder.step_metrics(trained, everything, stats, update_stats, timer, args.prompts_per_step)
         last = state.step == args.steps
         if last or (args.eval_every and state.step % args.eval_every == 0):

@@ -25,6 +25,7 @@ import rollout
 import run_folder
 import settings
 import train
+import vspo
 from cli import parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +88,50 @@ def test_each_algorithm_trains_and_writes_its_run(vspo_run, tiny_agent, tmp_path
         assert replaced == (row["dead_fraction"] > 0 and algorithm in ("vspo", "dapo")), row
 
 
-def test_binary_reward_replaces_dead_groups_and_skips_an_empty_update(tiny_agent, tmp_path):
-    # The tiny agent almost never answers exactly: with EM every group is dead, VSPO rolls out replacements, and a
-    # step where they are dead too has nothing to learn from and says so.
+def test_binary_reward_replaces_dead_groups_and_keeps_those_it_could_not(tiny_agent, tmp_path):
+    # The tiny agent almost never answers exactly: with EM every group is dead, VSPO rolls out replacements, and
+    # when they are dead too they stay in the batch with advantage 0, as in GRPO (a KL-only step).
     train.main(small(tiny_agent, tmp_path, "--steps", "2", "--reward", "binary"))
     metrics = assert_wrote_a_run(tmp_path, steps=2)
     for row in metrics[1:]:
         assert row["dead_fraction"] == 1.0 and row["extra_rollouts_per_prompt"] == 4  # one round: G per prompt
-        assert row["skipped_updates"] == 1.0 and row["trained_on"] == 0
-        assert "stage_exact_match" in row and "stage_format" not in row
+        assert row["trajectories"] == 16 and row["trained_on"] == 8 and row["skipped_updates"] == 0.0
+        assert "stage_exact_match" in row and "stage_format" not in row and 0 <= row["well_formed"] <= 1
+
+
+def test_grpo_keeps_dead_groups_in_the_batch_and_dapo_drops_them(tiny_agent, tmp_path):
+    # Vanilla GRPO (TRL, verl): a dead group's tokens count in the token-mean and the KL term, so the batch is every
+    # trajectory. DAPO's filter leaves dead groups out: with every group dead there is nothing to train on.
+    for algorithm in ("grpo", "dapo"):
+        train.main(small(tiny_agent, tmp_path / algorithm, "--steps", "2", "--reward", "binary", "--eval-size", "0",
+                         "--algorithm", algorithm))
+    grpo, dapo = rows(tmp_path / "grpo"), rows(tmp_path / "dapo")
+    for row in grpo:
+        assert row["dead_fraction"] == 1.0 and row["trajectories"] == row["trained_on"] == 8
+        assert row["skipped_updates"] == 0.0 and row["kl_ref"] >= 0  # a KL-only step: every advantage is 0
+    for row in dapo:
+        assert row["dead_fraction"] == 1.0 and row["trajectories"] == 16 and row["trained_on"] == 0
+        assert row["skipped_updates"] == 1.0
+
+
+def test_a_dead_group_in_the_batch_dilutes_the_token_mean():
+    # What keeping dead groups changes (METHOD.md §3.5): their zero-advantage tokens join the denominator, so the
+    # policy term of the live groups shrinks by live / all tokens, and the KL term covers their tokens too.
+    live = torch.tensor([[1.0, -1.0, 0.5]])  # [1, 3] advantages of a live row
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    mask = torch.ones(1, 3)
+
+    def loss(advantages, logps, masks):
+        value, _ = vspo.policy_loss(logps, logps.detach(), advantages, masks, kind="ppo")
+        return value
+
+    alone = loss(live, logprobs, mask)
+    with_dead = loss(torch.cat([live, torch.zeros(1, 3)]), torch.cat([logprobs, logprobs.detach()]),
+                     torch.ones(2, 3))
+    assert torch.allclose(with_dead, alone * 3 / 6)
+    (grad_alone,) = torch.autograd.grad(alone, logprobs)
+    (grad_with_dead,) = torch.autograd.grad(with_dead, logprobs)
+    assert torch.allclose(grad_with_dead, grad_alone / 2)
 
 
 def assert_same_steps(a_rows, b_rows, steps, ignore=()):

@@ -1,0 +1,417 @@
+"""The papers' claims, measured here: train.py configurations x seeds on one budget, then a table and curves.
+
+    python benchmarks/grid.py                      # every cell x 3 seeds (resumable), then the table and the figure
+    python benchmarks/grid.py --cells core         # the 2 x 2 grid {PRS, binary} x {VSPO, GRPO} first
+    python benchmarks/grid.py --report-only        # redraw the table and the figure from the committed summaries
+
+Each run is `train.py` with the cell's flags, the budget's flags and a seed, then `eval.py` on its final checkpoint
+(greedy, the first --eval-wiki `wiki` test questions and the 73 `fanoutqa` questions). What a run leaves for the
+table is one small JSON summary in --results (its per-step metrics, its evaluation, its cost); those are committed,
+so the table can be redrawn without the runs. The runs themselves (logs, checkpoints) go to --runs and are deleted
+down to their logs once summarised.
+
+Resumable: a run whose summary exists (with the same flags) is skipped; a run that was killed continues from its
+newest checkpoint (train.py --resume), or starts again when it had none. Run nothing heavy beside it: two torch
+processes on a 2-core machine oversubscribe OpenMP's threads and both slow down many times over.
+
+The claims (docs/METHOD.md §3, §5 and the papers' abstracts) and the cells that test them:
+
+    PRS beats a binary reward (format mastered sooner, higher accuracy)   prs-vspo, binary-vspo, prs-grpo, binary-grpo
+    VSPO beats GRPO (fewer dead groups, higher accuracy)                 the same four
+    random replacement brings no gain                                   prs-vspo vs prs-vspo-random
+    without value-smoothing clipping VSPO destabilises (KL rises)       prs-vspo vs prs-vspo-noclip
+    DAPO-style refilling, for reference                                 prs-dapo
+    iStar's step credit beats outcome credit                            prs-vspo vs prs-vspo-istar
+
+A difference is called one only where the seeds separate: every seed of one cell beats every seed of the other
+(with 3 seeds a side, the exact two-sided permutation test's smallest p, 0.1). Otherwise the table says "no
+difference at this budget".
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import run_folder  # noqa: E402
+
+CELLS = {  # name: (train.py flags, what it is)
+    "prs-vspo": ([], "PRS + VSPO (the papers' method)"),
+    "binary-vspo": (["--reward", "binary"], "binary EM + VSPO"),
+    "prs-grpo": (["--algorithm", "grpo"], "PRS + GRPO"),
+    "binary-grpo": (["--reward", "binary", "--algorithm", "grpo"], "binary EM + GRPO"),
+    "prs-vspo-random": (["--replacement", "random"], "PRS + VSPO, random replacement"),
+    "prs-vspo-noclip": (["--value-clip", "off"], "PRS + VSPO, no value-smoothing clipping"),
+    "prs-dapo": (["--algorithm", "dapo"], "PRS + DAPO (drop dead groups, refill with fresh prompts)"),
+    "prs-vspo-istar": (["--credit", "istar"], "PRS + VSPO + iStar step credit"),
+}
+GROUPS = {"core": ["prs-vspo", "binary-vspo", "prs-grpo", "binary-grpo"],
+          "ablations": ["prs-vspo-random", "prs-vspo-noclip", "prs-dapo"], "credit": ["prs-vspo-istar"]}
+GROUPS["all"] = GROUPS["core"] + GROUPS["ablations"] + GROUPS["credit"]
+# (cell a, cell b, metric, which way is better, the claim)
+CLAIMS = [
+    ("prs-vspo", "binary-vspo", "mastery_step", "lower", "PRS masters the format sooner than binary (VSPO)"),
+    ("prs-grpo", "binary-grpo", "mastery_step", "lower", "PRS masters the format sooner than binary (GRPO)"),
+    ("prs-vspo", "binary-vspo", "wiki_em", "higher", "PRS scores higher EM than binary (VSPO)"),
+    ("prs-grpo", "binary-grpo", "wiki_em", "higher", "PRS scores higher EM than binary (GRPO)"),
+    ("prs-vspo", "prs-grpo", "dead_in_batch", "lower", "VSPO trains on fewer dead groups than GRPO (PRS)"),
+    ("prs-vspo", "prs-grpo", "wiki_em", "higher", "VSPO scores higher EM than GRPO (PRS)"),
+    ("prs-vspo", "prs-grpo", "wiki_f1", "higher", "VSPO scores higher F1 than GRPO (PRS)"),
+    ("binary-vspo", "binary-grpo", "wiki_em", "higher", "VSPO scores higher EM than GRPO (binary)"),
+    ("prs-vspo", "prs-vspo-random", "wiki_em", "higher", "value-based replacement beats random replacement"),
+    ("prs-vspo", "prs-vspo-noclip", "kl_max", "lower", "without value-smoothing clipping the KL rises"),
+    ("prs-vspo", "prs-vspo-noclip", "wiki_em", "higher", "value-smoothing clipping gives higher EM"),
+    ("prs-vspo", "prs-dapo", "wiki_em", "higher", "VSPO scores higher EM than DAPO"),
+    ("prs-vspo-istar", "prs-vspo", "wiki_em", "higher", "iStar credit scores higher EM than outcome credit"),
+    ("prs-vspo-istar", "prs-vspo", "wiki_f1", "higher", "iStar credit scores higher F1 than outcome credit"),
+]
+MASTERY = 0.9  # well-formed fraction of a step's trajectories that counts as format mastery
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running one cell x seed
+# ----------------------------------------------------------------------------------------------------------------------
+def budget_flags(args) -> list[str]:
+    """The flags every run shares: the budget, the model, no evaluation inside train.py (eval.py does it after)."""
+    return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+            "--group-size", str(args.group_size), "--lr", str(args.lr), "--eval-size", "0",
+            "--save-every", str(args.save_every), "--keep-checkpoints", "1", *args.extra]
+
+
+def run_command(command: list[str], log: Path) -> float:
+    """Run a command with its output appended to `log`; returns its CPU seconds (user + system, children too)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if completed.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} exited with {completed.returncode}; its output is in {log}")
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_one(args, cell: str, seed: int) -> Path:
+    """Train and evaluate one cell x seed (or continue a killed run), write its summary, and return its path."""
+    flags = CELLS[cell][0] + budget_flags(args) + ["--seed", str(seed)]
+    summary_path = Path(args.results) / f"{cell}-seed{seed}.json"
+    if summary_path.exists() and json.loads(summary_path.read_text())["flags"] == flags:
+        return summary_path
+    folder = Path(args.runs) / cell / f"seed{seed}"
+    flags_path = folder / "grid_flags.json"
+    if flags_path.exists() and json.loads(flags_path.read_text()) != flags:
+        shutil.rmtree(folder)  # an earlier run with other flags: nothing in it can be continued
+    folder.mkdir(parents=True, exist_ok=True)
+    flags_path.write_text(json.dumps(flags))
+    log, cost_path = folder / "grid.log", folder / "cost.json"
+    cost = json.loads(cost_path.read_text()) if cost_path.exists() else {"cpu_s": 0.0, "eval_wall_s": 0.0}
+    final = folder / "checkpoints" / f"step-{args.steps:06d}"
+    if not final.exists():
+        resume = run_folder.newest_checkpoint(folder) is not None
+        command = ([sys.executable, "train.py", "--resume", str(folder)] if resume else
+                   [sys.executable, "train.py", *flags, "--output-dir", str(folder)])
+        print(f"{cell} seed {seed}: {'continuing' if resume else 'training'} ({log})", flush=True)
+        cost["cpu_s"] += run_command(command, log)
+        cost_path.write_text(json.dumps(cost))
+    evaluation = folder / "eval"
+    shutil.rmtree(evaluation, ignore_errors=True)  # a killed evaluation starts again
+    print(f"{cell} seed {seed}: evaluating", flush=True)
+    start = time.perf_counter()
+    cost["cpu_s"] += run_command([sys.executable, "eval.py", "--model", str(final), "--task", "wiki", "fanoutqa",
+                                  "--limit", str(args.eval_wiki), "--output", str(evaluation), *args.extra_eval],
+                                 log)
+    cost["eval_wall_s"] = time.perf_counter() - start
+    cost_path.write_text(json.dumps(cost))
+    summary = summarise(cell, seed, flags, folder, cost)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, summary_path)
+    shutil.rmtree(folder / "checkpoints")  # the summary and the logs are what the table needs
+    return summary_path
+
+
+def summarise(cell: str, seed: int, flags: list[str], folder: Path, cost: dict) -> dict:
+    """One run's summary: its per-step metrics (timings aside), its evaluation and its cost."""
+    steps = [{k: v for k, v in row.items() if not k.startswith("time_")}
+             for row in run_folder.read_jsonl(folder / "metrics.jsonl") if row["step"] > 0]
+    steps = list({row["step"]: row for row in steps}.values())  # a resumed run logs each step once; keep the last
+    evaluation = json.loads((folder / "eval" / "metrics.json").read_text())
+    return {"cell": cell, "seed": seed, "flags": flags, "steps": steps, "eval": evaluation,
+            "train_wall_s": sum(row["step_seconds"] for row in steps), "eval_wall_s": cost["eval_wall_s"],
+            "cpu_s": cost["cpu_s"], "machine": machine()}
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    try:
+        import torch
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        threads = torch.get_num_threads()
+    except ImportError:
+        device, threads = "?", "?"
+    return f"{platform.machine()}, {cores} cores, torch threads {threads}, {device}"
+
+
+def evaluate_base(args) -> Path:
+    """The untrained model's evaluation (the same for every cell and seed: greedy), for the table's first row."""
+    path = Path(args.results) / "base.json"
+    if path.exists():
+        return path
+    folder = Path(args.runs) / "base"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print("base model: evaluating", flush=True)
+    run_command([sys.executable, "eval.py", "--model", args.model, "--task", "wiki", "fanoutqa", "--limit",
+                 str(args.eval_wiki), "--output", str(folder / "eval"), *args.extra_eval], folder / "grid.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"eval": json.loads((folder / "eval" / "metrics.json").read_text())}, indent=1) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# From summaries to figures per run, per cell, and the claims
+# ----------------------------------------------------------------------------------------------------------------------
+def figures(summary: dict, prompts_per_step: int) -> dict:
+    """The table's figures of one run."""
+    steps = summary["steps"]
+    mastered = [row["step"] for row in steps if (row.get("well_formed") or 0) >= MASTERY]
+    wiki, fanout = summary["eval"].get("wiki", {}), summary["eval"].get("fanoutqa", {})
+    return {"mastery_step": mastered[0] if mastered else None,
+            "wiki_em": wiki.get("em"), "wiki_f1": wiki.get("f1"), "wiki_la_bleu": wiki.get("la_bleu"),
+            "wiki_format": wiki.get("format"), "fanout_em": fanout.get("em"), "fanout_f1": fanout.get("f1"),
+            "fanout_la_bleu": fanout.get("la_bleu"), "fanout_format": fanout.get("format"),
+            "dead_fraction": statistics.fmean(row["dead_fraction"] for row in steps),
+            "dead_in_batch": statistics.fmean(row.get("dead_in_batch") or 0.0 for row in steps),
+            "trained_on": sum(row["trained_on"] for row in steps),
+            "extra_rollouts": round(sum(row["extra_rollouts_per_prompt"] for row in steps) * prompts_per_step),
+            "sampled": sum(row["trajectories"] for row in steps),
+            "kl_max": max((row.get("kl_ref") or 0.0) for row in steps),
+            "wall_min": (summary["train_wall_s"] + summary["eval_wall_s"]) / 60}
+
+
+def mean_sd(values) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test on the difference of means: the share of all splits of the pooled values
+    into groups of len(a) and len(b) whose difference is at least as large as the observed one."""
+    pooled, observed = a + b, abs(statistics.fmean(a) - statistics.fmean(b))
+    splits = list(itertools.combinations(range(len(pooled)), len(a)))
+    extreme = 0
+    for chosen in splits:
+        left = [pooled[i] for i in chosen]
+        right = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        extreme += abs(statistics.fmean(left) - statistics.fmean(right)) >= observed - 1e-12
+    return extreme / len(splits)
+
+
+def verdict(a: list, b: list, better: str, steps: int) -> tuple[str, float | None]:
+    """Whether cell a beats cell b on a metric: "yes" where every seed of a beats every seed of b, "reversed" where
+    every seed of b beats every seed of a, else "no difference at this budget". A format never mastered counts as
+    steps + 1 (later than any step of the run)."""
+    a = [steps + 1 if v is None else v for v in a]
+    b = [steps + 1 if v is None else v for v in b]
+    if len(a) < 2 or len(b) < 2:
+        return "too few seeds", None
+    p = permutation_p(a, b)
+    wins = (lambda x, y: x < y) if better == "lower" else (lambda x, y: x > y)
+    if all(wins(x, y) for x in a for y in b):
+        return "yes", p
+    if all(wins(y, x) for x in a for y in b):
+        return "reversed", p
+    return "no difference at this budget", p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table and the figure
+# ----------------------------------------------------------------------------------------------------------------------
+TABLE = [  # (column, figure key, format)
+    ("format mastery step", "mastery_step", "{:.1f}"), ("wiki EM", "wiki_em", "{:.3f}"),
+    ("wiki F1", "wiki_f1", "{:.3f}"), ("wiki LA-BLEU", "wiki_la_bleu", "{:.3f}"),
+    ("wiki well-formed", "wiki_format", "{:.2f}"), ("fanoutqa EM", "fanout_em", "{:.3f}"),
+    ("fanoutqa F1", "fanout_f1", "{:.3f}"), ("fanoutqa LA-BLEU", "fanout_la_bleu", "{:.3f}"),
+    ("fanoutqa well-formed", "fanout_format", "{:.2f}"), ("dead groups sampled", "dead_fraction", "{:.2f}"),
+    ("dead groups trained on", "dead_in_batch", "{:.2f}"), ("trajectories trained on", "trained_on", "{:.0f}"),
+    ("extra rollouts", "extra_rollouts", "{:.0f}"), ("trajectories sampled", "sampled", "{:.0f}"),
+    ("max KL", "kl_max", "{:.4f}"), ("wall min", "wall_min", "{:.1f}"),
+]
+
+
+def cell_text(values: list, fmt: str) -> str:
+    """mean ± sd (per-seed values) of one cell's figure; a format never mastered shows as —."""
+    shown = ", ".join("—" if v is None else fmt.format(v) for v in values)
+    stats = mean_sd(values)
+    if stats is None:
+        return f"— ({shown})"
+    never = " + never" * (None in values)
+    return f"{fmt.format(stats[0])} ± {fmt.format(stats[1])}{never} ({shown})"
+
+
+def report(args) -> tuple[Path, Path]:
+    """Write the markdown table (with the claims) and the figure from the summaries in --results."""
+    results = Path(args.results)
+    runs = {}
+    for path in sorted(results.glob("*-seed*.json")):
+        summary = json.loads(path.read_text())
+        runs.setdefault(summary["cell"], []).append(summary)
+    if not runs:
+        raise SystemExit(f"error: no run summaries in {results}; run the grid first")
+    cells = [cell for cell in CELLS if cell in runs]
+    per_cell = {cell: [figures(s, args.prompts_per_step) for s in sorted(runs[cell], key=lambda s: s["seed"])]
+                for cell in cells}
+    lines = [f"Budget: {args.steps} steps x {args.prompts_per_step} prompts x G = {args.group_size}, lr {args.lr}; "
+             f"evaluation greedy on the first {args.eval_wiki} `wiki` test questions and the 73 `fanoutqa` "
+             f"questions. Each cell: mean ± sd over seeds (the per-seed values in brackets, seed 0 first); format "
+             f"mastery is the first step whose trajectories are ≥ {MASTERY:.0%} well-formed (— : not within the "
+             f"budget).", ""]
+    base_path = results / "base.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text())["eval"]
+        lines += [f"Before training (the same for every cell and seed): wiki EM {base['wiki']['em']:.3f}, F1 "
+                  f"{base['wiki']['f1']:.3f}, well-formed {base['wiki']['format']:.2f}; fanoutqa EM "
+                  f"{base['fanoutqa']['em']:.3f}, F1 {base['fanoutqa']['f1']:.3f}, well-formed "
+                  f"{base['fanoutqa']['format']:.2f}.", ""]
+    for block in (TABLE[:9], TABLE[9:]):
+        lines += ["| cell | seeds | " + " | ".join(name for name, _, _ in block) + " |",
+                  "|---|---|" + "---|" * len(block)]
+        for cell in cells:
+            lines.append(f"| {cell} | {len(per_cell[cell])} | " + " | ".join(
+                cell_text([f[key] for f in per_cell[cell]], fmt) for _, key, fmt in block) + " |")
+        lines.append("")
+    lines += ["| claim | metric | a | b | seeds separate? | permutation p |", "|---|---|---|---|---|---|"]
+    for a, b, key, better, claim in CLAIMS:
+        if a in per_cell and b in per_cell:
+            answer, p = verdict([f[key] for f in per_cell[a]], [f[key] for f in per_cell[b]], better, args.steps)
+            fmt = dict((k, f) for _, k, f in TABLE).get(key, "{:.3f}")
+            lines.append(f"| {claim} | {key} ({better} is better) | {a}: "
+                         f"{cell_text([f[key] for f in per_cell[a]], fmt)} | {b}: "
+                         f"{cell_text([f[key] for f in per_cell[b]], fmt)} | {answer} | "
+                         f"{'—' if p is None else f'{p:.2f}'} |")
+    machines = sorted({s["machine"] for summaries in runs.values() for s in summaries})
+    lines += ["", f"Machine: {'; '.join(machines)}. Wall time of the whole grid: "
+                  f"{sum(f['wall_min'] for fs in per_cell.values() for f in fs) / 60:.1f} h."]
+    table = results / "grid.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table, plot(runs, cells, Path(args.figure), args.prompts_per_step)
+
+
+def plot(runs: dict, cells: list[str], path: Path, prompts_per_step: int) -> Path:
+    """Curves of every cell, mean ± sd over seeds: against steps and against trajectories sampled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [("well_formed", "well-formed (training rollouts)"), ("exact_match", "EM (training rollouts)"),
+              ("dead_in_batch", "dead groups in the batch")]
+    rows = [[c for c in GROUPS["core"] if c in cells], ["prs-vspo"] * ("prs-vspo" in cells)
+            + [c for c in GROUPS["ablations"] + GROUPS["credit"] if c in cells]]
+    rows = [row for row in rows if row]
+    figure, axes = plt.subplots(len(rows), 2 * len(panels) - 1, figsize=(24, 4.5 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for colour, cell in zip(plt.cm.tab10.colors, row):
+            series = [s["steps"] for s in runs[cell]]
+            length = min(len(steps) for steps in series)
+            x_steps = np.arange(1, length + 1)
+            x_sampled = np.mean([np.cumsum([row_["trajectories"] for row_ in steps[:length]]) for steps in series], 0)
+            for p, (key, title) in enumerate(panels):
+                values = np.array([[row_.get(key) or 0.0 for row_ in steps[:length]] for steps in series])
+                mean, sd = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(length)
+                axes_x = [(axes[r][p], x_steps, "step")]
+                if key != "dead_in_batch":
+                    axes_x.append((axes[r][len(panels) + p], x_sampled, "trajectories sampled"))
+                for axis, x, label in axes_x:
+                    axis.plot(x, mean, color=colour, label=f"{cell} (n={len(series)})")
+                    axis.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.15)
+                    axis.set_title(title)
+                    axis.set_xlabel(label)
+                    axis.grid(alpha=0.3)
+        axes[r][0].legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", nargs="+", default=["all"],
+                        help=f"cells or groups of cells to run: {', '.join(GROUPS)}, or any of {', '.join(CELLS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0 .. N-1)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps of every run")
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (before replacements)")
+    parser.add_argument("--group-size", type=int, default=5, help="G, trajectories per prompt")
+    parser.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run")
+    parser.add_argument("--save-every", type=int, default=5,
+                        help="checkpoint every N steps, so that a killed run continues from there")
+    parser.add_argument("--eval-wiki", type=int, default=100, help="wiki test questions of the final evaluation")
+    parser.add_argument("--model", default="smollm2-135m", help="model of every run (tiny-random for a smoke test)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="further train.py flags for every run (last on the line), e.g. --max-new-tokens 40")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "grid"), help="folder of the runs (not committed)")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grid"),
+                        help="folder of the per-run summaries and the table (committed)")
+    parser.add_argument("--figure", default=str(ROOT / "docs" / "grid_curves.png"), help="the figure's path")
+    parser.add_argument("--report-only", action="store_true", help="only redraw the table and the figure")
+    args = parser.parse_args(argv)
+    cells = [c for name in args.cells for c in GROUPS.get(name, [name])]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        parser.error(f"--cells {' '.join(unknown)}: unknown; use {', '.join(GROUPS)} or {', '.join(CELLS)}")
+    if args.steps < 1 or args.seeds < 1 or args.eval_wiki < 1:
+        parser.error("--steps, --seeds and --eval-wiki must be at least 1")
+    # eval.py must build the same agent as train.py: the agent flags of --extra go to it too
+    args.extra_eval = agent_flags(args.extra)
+    if not args.report_only:
+        evaluate_base(args)
+        for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any gets its third
+            for cell in cells:
+                path = run_one(args, cell, seed)
+                print(f"{cell} seed {seed}: {path}", flush=True)
+    table, figure = report(args)
+    print(table.read_text())
+    print(f"table in {table}, figure in {figure}")
+
+
+def agent_flags(extra: list[str]) -> list[str]:
+    """The flags of `extra` that eval.py also takes (the agent's: model limits, retrieval, prompt)."""
+    import dataclasses
+
+    import settings
+
+    agent = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(settings.AgentArgs)}
+    agent |= {"--no-" + name[2:] for name in agent}
+    kept, i = [], 0
+    while i < len(extra):
+        takes_value = i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        if extra[i] in agent:
+            kept += extra[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return kept
+
+
+if __name__ == "__main__":
+    main()

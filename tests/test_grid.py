@@ -1,0 +1,69 @@
+"""benchmarks/grid.py: the claims' statistics, and a smoke run of the whole grid on the tiny agent (train.py and
+eval.py as subprocesses, summaries, the table, the figure, a finished run skipped)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import grid  # noqa: E402
+
+
+def test_the_permutation_test_is_exact():
+    # 3 against 3 fully separated: only the observed split and its mirror are as extreme, 2 of the 20 splits.
+    assert grid.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert grid.permutation_p([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]) == 1.0
+    # against a plain count over every relabelling
+    a, b = [0.2, 0.5, 0.1], [0.4, 0.3, 0.6]
+    observed = abs(sum(a) / 3 - sum(b) / 3)
+    pooled = a + b
+    import itertools
+    count = sum(abs(sum(pooled[i] for i in s) / 3 - sum(pooled[i] for i in range(6) if i not in s) / 3)
+                >= observed - 1e-12 for s in itertools.combinations(range(6), 3))
+    assert grid.permutation_p(a, b) == pytest.approx(count / 20)
+
+
+def test_a_claim_holds_only_where_every_seed_separates():
+    assert grid.verdict([0.3, 0.4, 0.5], [0.1, 0.2, 0.25], "higher", 10)[0] == "yes"
+    assert grid.verdict([0.3, 0.4, 0.5], [0.1, 0.2, 0.35], "higher", 10)[0] == "no difference at this budget"
+    assert grid.verdict([0.1, 0.2, 0.25], [0.3, 0.4, 0.5], "higher", 10)[0] == "reversed"
+    # a format never mastered counts as later than the budget
+    assert grid.verdict([3, 4, 5], [None, None, 9], "lower", 10)[0] == "yes"
+    assert grid.verdict([0.3], [0.1], "higher", 10)[0] == "too few seeds"
+
+
+def test_only_agent_flags_reach_eval():
+    extra = ["--max-new-tokens", "40", "--temperature", "1.0", "--no-few-shot", "--passage-chars", "60"]
+    assert grid.agent_flags(extra) == ["--max-new-tokens", "40", "--no-few-shot", "--passage-chars", "60"]
+
+
+def test_the_grid_runs_summarises_skips_and_reports(tiny_agent, tmp_path, capsys):
+    flags = ["--model", str(tiny_agent), "--cells", "prs-vspo", "prs-grpo", "--seeds", "1", "--steps", "1",
+             "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-3", "--eval-wiki", "2",
+             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+             "--figure", str(tmp_path / "grid.png"),
+             "--extra", "--max-new-tokens", "40", "--max-total-tokens", "900", "--temperature", "1.0",
+             "--no-few-shot", "--passage-chars", "60"]
+    grid.main(flags)
+    results = tmp_path / "results"
+    names = sorted(p.name for p in results.glob("*.json"))
+    assert names == ["base.json", "prs-grpo-seed0.json", "prs-vspo-seed0.json"]
+    summary = json.loads((results / "prs-vspo-seed0.json").read_text())
+    assert summary["cell"] == "prs-vspo" and summary["seed"] == 0 and len(summary["steps"]) == 1
+    assert set(summary["eval"]) == {"wiki", "fanoutqa"} and summary["eval"]["wiki"]["questions"] == 2
+    assert summary["cpu_s"] > 0 and summary["train_wall_s"] > 0
+    assert not (tmp_path / "runs" / "prs-vspo" / "seed0" / "checkpoints").exists()  # deleted once summarised
+    table = (results / "grid.md").read_text()
+    assert "| prs-vspo | 1 |" in table and "| prs-grpo | 1 |" in table
+    assert "VSPO scores higher EM than GRPO (PRS)" in table and "too few seeds" in table
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
+    # A finished run is skipped: its summary is not written again, no train.py or eval.py runs.
+    stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    capsys.readouterr()
+    grid.main(flags)
+    assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == stamps
+    assert ": training (" not in capsys.readouterr().out
