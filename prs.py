@@ -43,18 +43,23 @@ answers garbage leaves the sample unscored (total None), never 0. The judge is a
 Adapters for other trainers: `trl_reward` (TRL's GRPOTrainer reward function) and `compute_score` (verl).
 """
 
-from __future__ import annotations
 
 import functools
 import json
 import math
+import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 from sacrebleu.metrics import BLEU
 
+try:
+    import tools  # noqa: F401
+except ModuleNotFoundError:  # loaded by its path (verl's custom_reward_function.path does not put its folder on
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # sys.path): tools.py is read from beside it
 from tools import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN,
                    TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, Tool, calculator_tool, contains_words, extract_answer,
                    find_blocks, find_tool_calls, format_tool_response, normalize_answer, parse_tool_call,
@@ -507,8 +512,11 @@ GOLD_COLUMNS = ("golden_answers", "answers", "answer", "ground_truth")
 
 
 def _completion_text(completion) -> str:
-    """A TRL completion as one response string: a string stays as it is; conversational messages are joined, with
-    structured `tool_calls` written as `<tool_call>` blocks and `tool` messages as `<tool_response>` blocks."""
+    """A TRL completion as one response string: a string stays as it is; conversational messages are joined in the
+    order a Hermes-style parser (TRL's, for the Qwen templates) took them apart: per assistant message its
+    `reasoning_content` as a `<think>` block, its `content`, then its structured `tool_calls` as `<tool_call>` blocks;
+    `tool` messages become `<tool_response>` blocks. Text a model wrote after a call in the same turn comes out before
+    it; decoding the sampled ids (`trl_reward_for(tokenizer)`) avoids that."""
     if isinstance(completion, str):
         return completion
     parts = []
@@ -519,6 +527,8 @@ def _completion_text(completion) -> str:
         if message.get("role") == "tool":
             parts.append(format_tool_response(content))
             continue
+        if message.get("reasoning_content"):
+            parts.append(f"<think>{message['reasoning_content']}</think>")
         parts.append(content)
         for call in message.get("tool_calls") or []:
             function = call.get("function", call)
@@ -533,17 +543,25 @@ def _completion_text(completion) -> str:
     return "".join(parts)
 
 
-def trl_reward(prompts, completions, *, trainer_state=None, tools: Mapping[str, Tool] = SIGNATURE_TOOLS,
+def trl_reward(prompts, completions, *, completion_ids=None, trainer_state=None, tokenizer=None,
+               optimizer_steps_per_generation: int = 1, tools: Mapping[str, Tool] = SIGNATURE_TOOLS,
                require_tool: bool = True, **columns) -> list[float]:
-    """PRS as a TRL GRPOTrainer reward function: `GRPOTrainer(..., reward_funcs=[prs.trl_reward])`.
+    """PRS as a TRL GRPOTrainer reward function: `GRPOTrainer(..., reward_funcs=[prs.trl_reward])`, or, to score
+    exactly what was sampled and keep the schedule in generation rounds, `reward_funcs=[prs.trl_reward_for(
+    tokenizer, optimizer_steps_per_generation=...)]` (examples/trl_grpo.py does that).
 
     TRL calls it as `trl_reward(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns)`.
-    Completions are strings or conversational message lists (tool calls and tool messages are rendered in the
-    tools.py format). Gold answers come from the first dataset column present among `golden_answers`, `answers`,
-    `answer`, `ground_truth` (a string, a list of aliases or {"target": [...]} per row). The schedule's step is
-    `trainer_state.global_step` of `trainer_state.max_steps`; without a trainer state it is the final step (the
-    answer-heavy end weights). Prompts are never scored. To change `tools` or `require_tool`, wrap it in a named
-    function (TRL logs each reward under its function's `__name__`).
+    What is scored: with a `tokenizer`, each completion's token ids decoded without special tokens, the model's
+    turns and the tool responses as the chat template rendered them, in the order they were sampled (TRL's
+    `completion_ids`). Without one, the completion itself: a string, or conversational messages joined as
+    `_completion_text` says. Gold answers come from the first dataset column present among `golden_answers`,
+    `answers`, `answer`, `ground_truth` (a string, a list of aliases or {"target": [...]} per row). Prompts are
+    never scored.
+
+    The schedule moves over generation rounds: TRL's `trainer_state.global_step` counts optimizer steps, and a
+    round of generation is followed by `optimizer_steps_per_generation` of them (TRL's steps_per_generation x
+    num_iterations / gradient_accumulation_steps; 1 with its defaults), so round = global_step // that, of
+    max_steps // that rounds. Without a trainer state it is the final round (the answer-heavy end weights).
 
     >>> trl_reward(["Q?"], ["<answer>Nile</answer>"], golden_answers=[["Nile"]], require_tool=False)
     [0.9]
@@ -552,11 +570,33 @@ def trl_reward(prompts, completions, *, trainer_state=None, tools: Mapping[str, 
     if column is None:
         raise ValueError(f"trl_reward needs the gold answers in a dataset column named one of {GOLD_COLUMNS}; "
                          f"the columns passed were {sorted(columns)}")
+    if optimizer_steps_per_generation < 1:
+        raise ValueError(f"optimizer_steps_per_generation={optimizer_steps_per_generation}: must be at least 1")
     # OUR READING: without a step the schedule cannot progress; the end weights score what evaluation measures.
-    step, total_steps = (trainer_state.global_step, trainer_state.max_steps) if trainer_state else (1, 1)
-    return [prs_reward(_completion_text(completion), gold, tools, step=step, total_steps=total_steps,
-                       require_tool=require_tool).total
-            for completion, gold in zip(completions, columns[column])]
+    step, total_steps = 1, 1
+    if trainer_state is not None:
+        step = trainer_state.global_step // optimizer_steps_per_generation
+        total_steps = max(trainer_state.max_steps // optimizer_steps_per_generation, 1)
+    if tokenizer is not None and completion_ids is not None:
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    else:
+        texts = [_completion_text(completion) for completion in completions]
+    return [prs_reward(text, gold, tools, step=step, total_steps=total_steps, require_tool=require_tool).total
+            for text, gold in zip(texts, columns[column])]
+
+
+def trl_reward_for(tokenizer=None, *, optimizer_steps_per_generation: int = 1,
+                   tools: Mapping[str, Tool] = SIGNATURE_TOOLS, require_tool: bool = True):
+    """`trl_reward` with its options bound, as a function TRL logs under the name `prs` (rewards/prs/mean).
+
+    >>> reward = trl_reward_for(require_tool=False)
+    >>> reward.__name__, reward(["Q?"], ["<answer>Nile</answer>"], golden_answers=[["Nile"]])
+    ('prs', [0.9])
+    """
+    def prs(prompts, completions, **kwargs):
+        return trl_reward(prompts, completions, tokenizer=tokenizer, tools=tools, require_tool=require_tool,
+                          optimizer_steps_per_generation=optimizer_steps_per_generation, **kwargs)
+    return prs
 
 
 def compute_score(data_source, solution_str: str, ground_truth, extra_info=None, *,

@@ -3,6 +3,7 @@
     python benchmarks/grid.py                      # every cell x 3 seeds (resumable), then the table and the figure
     python benchmarks/grid.py --cells core         # the 2 x 2 grid {PRS, binary} x {VSPO, GRPO} first
     python benchmarks/grid.py --report-only        # redraw the table and the figure from the committed summaries
+    python benchmarks/grid.py --pause / --continue # stop the running grid while other heavy work runs alone
 
 Each run is `train.py` with the cell's flags, the budget's flags and a seed, then `eval.py` on its final checkpoint
 (greedy, the first --eval-wiki `wiki` test questions and the 73 `fanoutqa` questions). What a run leaves for the
@@ -37,6 +38,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,17 +93,43 @@ def budget_flags(args) -> list[str]:
             "--save-every", str(args.save_every), "--keep-checkpoints", "1", *args.extra]
 
 
-def run_command(command: list[str], log: Path) -> float:
-    """Run a command with its output appended to `log`; returns its CPU seconds (user + system, children too)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def run_command(command: list[str], log: Path, runs: Path) -> dict:
+    """Run a command with its output appended to `log`. Returns its cost: CPU seconds (user + system) and wall
+    seconds, less the time the grid was paused (`--pause`) while it ran."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     with open(log, "a", encoding="utf-8") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, end = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
     if completed.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} exited with {completed.returncode}; its output is in {log}")
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "wall_s": end - start - paused_seconds(runs, start, end)}
+
+
+# The machine is shared: `--pause` stops the running grid (SIGSTOP to its process group, train.py included) so that
+# other heavy work can run alone, `--continue` lets it go on. Paused time is left out of the runs' wall times.
+def pause(runs: Path, stop: bool) -> None:
+    pid_file = runs / "grid.pid"
+    if not pid_file.exists():
+        raise SystemExit(f"error: no grid is running ({pid_file} is missing)")
+    os.killpg(int(pid_file.read_text()), signal.SIGSTOP if stop else signal.SIGCONT)
+    with open(runs / "pauses.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"paused" if stop else "continued": time.time()}) + "\n")
+    print(f"grid {'paused' if stop else 'continued'}")
+
+
+def paused_seconds(runs: Path, start: float, end: float) -> float:
+    """Seconds of [start, end] during which the grid was paused."""
+    path, total, since = runs / "pauses.jsonl", 0.0, None
+    for row in run_folder.read_jsonl(path) if path.exists() else []:
+        if "paused" in row:
+            since = row["paused"] if since is None else since
+        elif since is not None:
+            total += max(0.0, min(end, row["continued"]) - max(start, since))
+            since = None
+    return total
 
 
 def run_one(args, cell: str, seed: int) -> Path:
@@ -117,24 +145,23 @@ def run_one(args, cell: str, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     flags_path.write_text(json.dumps(flags))
     log, cost_path = folder / "grid.log", folder / "cost.json"
-    cost = json.loads(cost_path.read_text()) if cost_path.exists() else {"cpu_s": 0.0, "eval_wall_s": 0.0}
+    # what the run has cost so far, over every attempt (a killed training that continues adds to it)
+    cost = json.loads(cost_path.read_text()) if cost_path.exists() else {"cpu_s": 0.0, "train_wall_s": 0.0}
     final = folder / "checkpoints" / f"step-{args.steps:06d}"
     if not final.exists():
         resume = run_folder.newest_checkpoint(folder) is not None
         command = ([sys.executable, "train.py", "--resume", str(folder)] if resume else
                    [sys.executable, "train.py", *flags, "--output-dir", str(folder)])
         print(f"{cell} seed {seed}: {'continuing' if resume else 'training'} ({log})", flush=True)
-        cost["cpu_s"] += run_command(command, log)
+        spent = run_command(command, log, Path(args.runs))
+        cost = {"cpu_s": cost["cpu_s"] + spent["cpu_s"], "train_wall_s": cost["train_wall_s"] + spent["wall_s"]}
         cost_path.write_text(json.dumps(cost))
     evaluation = folder / "eval"
     shutil.rmtree(evaluation, ignore_errors=True)  # a killed evaluation starts again
     print(f"{cell} seed {seed}: evaluating", flush=True)
-    start = time.perf_counter()
-    cost["cpu_s"] += run_command([sys.executable, "eval.py", "--model", str(final), "--task", "wiki", "fanoutqa",
-                                  "--limit", str(args.eval_wiki), "--output", str(evaluation), *args.extra_eval],
-                                 log)
-    cost["eval_wall_s"] = time.perf_counter() - start
-    cost_path.write_text(json.dumps(cost))
+    spent = run_command([sys.executable, "eval.py", "--model", str(final), "--task", "wiki", "fanoutqa", "--limit",
+                         str(args.eval_wiki), "--output", str(evaluation), *args.extra_eval], log, Path(args.runs))
+    cost |= {"cpu_s": cost["cpu_s"] + spent["cpu_s"], "eval_wall_s": spent["wall_s"]}
     summary = summarise(cell, seed, flags, folder, cost)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = summary_path.with_suffix(".tmp")
@@ -151,8 +178,8 @@ def summarise(cell: str, seed: int, flags: list[str], folder: Path, cost: dict) 
     steps = list({row["step"]: row for row in steps}.values())  # a resumed run logs each step once; keep the last
     evaluation = json.loads((folder / "eval" / "metrics.json").read_text())
     return {"cell": cell, "seed": seed, "flags": flags, "steps": steps, "eval": evaluation,
-            "train_wall_s": sum(row["step_seconds"] for row in steps), "eval_wall_s": cost["eval_wall_s"],
-            "cpu_s": cost["cpu_s"], "machine": machine()}
+            "train_wall_s": cost["train_wall_s"], "eval_wall_s": cost["eval_wall_s"], "cpu_s": cost["cpu_s"],
+            "machine": machine()}
 
 
 def machine() -> str:
@@ -176,7 +203,8 @@ def evaluate_base(args) -> Path:
     folder.mkdir(parents=True)
     print("base model: evaluating", flush=True)
     run_command([sys.executable, "eval.py", "--model", args.model, "--task", "wiki", "fanoutqa", "--limit",
-                 str(args.eval_wiki), "--output", str(folder / "eval"), *args.extra_eval], folder / "grid.log")
+                 str(args.eval_wiki), "--output", str(folder / "eval"), *args.extra_eval], folder / "grid.log",
+                Path(args.runs))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"eval": json.loads((folder / "eval" / "metrics.json").read_text())}, indent=1) + "\n")
     return path
@@ -200,7 +228,7 @@ def figures(summary: dict, prompts_per_step: int) -> dict:
             "extra_rollouts": round(sum(row["extra_rollouts_per_prompt"] for row in steps) * prompts_per_step),
             "sampled": sum(row["trajectories"] for row in steps),
             "kl_max": max((row.get("kl_ref") or 0.0) for row in steps),
-            "wall_min": (summary["train_wall_s"] + summary["eval_wall_s"]) / 60}
+            "wall_min": (summary["train_wall_s"] + summary["eval_wall_s"]) / 60, "cpu_min": summary["cpu_s"] / 60}
 
 
 def mean_sd(values) -> tuple[float, float] | None:
@@ -252,6 +280,7 @@ TABLE = [  # (column, figure key, format)
     ("dead groups trained on", "dead_in_batch", "{:.2f}"), ("trajectories trained on", "trained_on", "{:.0f}"),
     ("extra rollouts", "extra_rollouts", "{:.0f}"), ("trajectories sampled", "sampled", "{:.0f}"),
     ("max KL", "kl_max", "{:.4f}"), ("wall min", "wall_min", "{:.1f}"),
+    ("CPU min", "cpu_min", "{:.0f}"),
 ]
 
 
@@ -376,7 +405,13 @@ def main(argv=None) -> None:
                         help="folder of the per-run summaries and the table (committed)")
     parser.add_argument("--figure", default=str(ROOT / "docs" / "grid_curves.png"), help="the figure's path")
     parser.add_argument("--report-only", action="store_true", help="only redraw the table and the figure")
+    parser.add_argument("--pause", action="store_true",
+                        help="stop the running grid (and its train.py) so that other work can run alone; the paused "
+                             "time is left out of its wall times")
+    parser.add_argument("--continue", dest="go_on", action="store_true", help="let a paused grid go on")
     args = parser.parse_args(argv)
+    if args.pause or args.go_on:
+        return pause(Path(args.runs), stop=args.pause)
     cells = [c for name in args.cells for c in GROUPS.get(name, [name])]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
@@ -386,6 +421,8 @@ def main(argv=None) -> None:
     # eval.py must build the same agent as train.py: the agent flags of --extra go to it too
     args.extra_eval = agent_flags(args.extra)
     if not args.report_only:
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        (Path(args.runs) / "grid.pid").write_text(str(os.getpgrp()))
         evaluate_base(args)
         for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any gets its third
             for cell in cells:

@@ -36,6 +36,14 @@ def test_a_claim_holds_only_where_every_seed_separates():
     assert grid.verdict([0.3], [0.1], "higher", 10)[0] == "too few seeds"
 
 
+def test_paused_time_is_left_out_of_wall_times(tmp_path):
+    (tmp_path / "pauses.jsonl").write_text('{"paused": 10.0}\n{"continued": 20.0}\n{"paused": 50.0}\n'
+                                           '{"paused": 55.0}\n{"continued": 70.0}\n')
+    assert grid.paused_seconds(tmp_path, 0.0, 100.0) == 10.0 + 20.0  # a second --pause while paused adds nothing
+    assert grid.paused_seconds(tmp_path, 15.0, 60.0) == 5.0 + 10.0  # only the part inside the run counts
+    assert grid.paused_seconds(tmp_path / "none", 0.0, 100.0) == 0.0
+
+
 def test_only_agent_flags_reach_eval():
     extra = ["--max-new-tokens", "40", "--temperature", "1.0", "--no-few-shot", "--passage-chars", "60"]
     assert grid.agent_flags(extra) == ["--max-new-tokens", "40", "--no-few-shot", "--passage-chars", "60"]

@@ -371,6 +371,56 @@ def test_trl_reward_called_like_grpo_trainer():
     assert rewards == [1.0, no_search, 1.0, 1.0]
 
 
+def test_trl_reward_scores_the_reasoning_trl_moved_out_of_the_content():
+    # TRL's parser moves <think>...</think> into reasoning_content; what the model wrote there is scored too.
+    def turns(reasoning):
+        return [{"role": "assistant", "content": "", "reasoning_content": reasoning,
+                 "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "Nile"}}}]},
+                {"role": "tool", "name": "search", "content": "Doc 1 (Title: Nile) The Nile is long."},
+                {"role": "assistant", "content": "<answer>Nile</answer>"}]
+
+    state = {"golden_answers": [["Nile"]]}
+    assert prs._completion_text(turns("Search first."))[:len("<think>Search first.</think>")] == \
+        "<think>Search first.</think>"
+    assert trl_reward(["Q?"], [turns("Search first.")], **state) == [1.0]
+    assert trl_reward(["Q?"], [turns("I know: <answer>Nile")], **state) == [0.0]  # an unclosed tag in the thinking
+
+
+def test_trl_reward_for_a_tokenizer_scores_the_sampled_order(tiny):
+    # A turn with text after its call: TRL's parser puts the call after the text, a well-formed order; decoded from
+    # the sampled ids (what `trl_reward_for(tokenizer)` scores) the text sits between the call and its response.
+    tokenizer = tiny[1]
+    sampled = (call("Nile") + " Let me also guess: Amazon." + "\nuser\n"
+               + env("Doc 1 (Title: Nile) The Nile is long.") + "\nassistant\n<answer>Nile</answer>")
+    ids = tokenizer(sampled, add_special_tokens=False).input_ids
+    parsed = [{"role": "assistant", "content": " Let me also guess: Amazon.",
+               "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "Nile"}}}]},
+              {"role": "tool", "name": "search", "content": "Doc 1 (Title: Nile) The Nile is long."},
+              {"role": "assistant", "content": "<answer>Nile</answer>"}]
+    columns = {"golden_answers": [["Nile"]], "completion_ids": [ids]}
+    assert trl_reward(["Q?"], [parsed], **columns) == [1.0]  # the reordered text looks well formed
+    reward = prs.trl_reward_for(tokenizer)
+    assert reward.__name__ == "prs" and reward(["Q?"], [parsed], **columns) == [0.0]
+    # and the template's role line between a call and its response ("user" once special tokens are gone) is fine
+    clean = call("Nile") + "\nuser\n" + env("Doc 1 (Title: Nile) The Nile is long.") + "\nassistant\n<answer>Nile</answer>"
+    assert reward(["Q?"], [parsed], golden_answers=[["Nile"]],
+                  completion_ids=[tokenizer(clean, add_special_tokens=False).input_ids]) == [1.0]
+
+
+def test_trl_reward_schedule_counts_generation_rounds_not_optimizer_steps():
+    from transformers import TrainerState
+
+    # 4 rounds of generation, 2 optimizer steps after each: global_step is 0, 2, 4, 6 of max_steps 8.
+    text = respond("Nile River")
+    last_round = TrainerState(global_step=6, max_steps=8)
+    bound = prs.trl_reward_for(optimizer_steps_per_generation=2)
+    assert bound(["Q?"], [text], golden_answers=[["Nile"]], trainer_state=last_round) == \
+        [prs_reward(text, ["Nile"], TOOLS, step=3, total_steps=4).total] == [final(text).total]
+    assert trl_reward(["Q?"], [text], golden_answers=[["Nile"]], trainer_state=last_round) != [final(text).total]
+    with pytest.raises(ValueError, match="optimizer_steps_per_generation"):
+        trl_reward(["Q?"], [text], golden_answers=[["Nile"]], optimizer_steps_per_generation=0)
+
+
 def test_trl_reward_defaults_and_errors():
     assert trl_reward(["Q?"], ["<answer>Nile</answer>"], answer=["Nile"]) == [final("<answer>Nile</answer>").total]
     with pytest.raises(ValueError, match="golden_answers"):

@@ -1,0 +1,225 @@
+"""PRS in TRL's multi-turn GRPOTrainer: the embedded model learns the wiki task with this project's search tool and
+reward, trained by TRL, then evaluated by eval.py.
+
+    pip install trl==1.16.0
+    python examples/trl_grpo.py                        # 8 rounds of 2 prompts x 5 on a CPU, then eval.py
+    python examples/trl_grpo.py --rounds 1 --eval-size 2 --model tiny-random   # a smoke run
+
+It answers "how do I use PRS in my TRL run". What a TRL user must know so that the reward sees what PRS scores, and
+how this script handles each (TRL 1.16):
+
+1. The chat template. TRL runs tools only for chat templates it knows byte for byte: it parses the calls out of a
+   finished turn with that template's response schema. SmolLM2's template cannot render a tool call, and TRL
+   refuses it ("The provided chat template does not support tool calling"); a Hermes-style template that differs
+   by one byte from TRL's copy fails with "Unrecognized chat template, failed to add response schema". The script
+   gives the tokenizer TRL's Qwen2.5 template: it writes calls as `<tool_call>{json}</tool_call>`, the format
+   tools.py reads, with the `<|im_start|>`/`<|im_end|>` tokens SmolLM2 has. That template names the model "Qwen"
+   when no system message is given; every prompt here has one.
+2. The tools, described once. TRL's template lists the tools from the Python function's signature and docstring;
+   the system message keeps only the instructions (this project's system prompt without its own tool list), so the
+   prompt does not describe the tools twice in two formats.
+3. A turn ends only at EOS. TRL cannot stop generation at `</tool_call>`, so a call runs once its turn ends. The
+   worked example is given as real turns (the call ends an assistant turn, the tool answers in its own turn, the
+   answer is the next assistant turn), so the model learns to end its turn after a call instead of writing a
+   `<tool_response>` of its own.
+4. Malformed calls. A call TRL's parser cannot read (bad JSON, an unclosed tag) is silently kept as text: no error
+   goes back to the model, and TRL's `tools/failure_frequency` does not count it. PRS does: its `tool_call` stage
+   scores such a call invalid (below, `malformed_calls` counts them per round).
+5. What PRS scores. TRL hands the reward parsed messages: `<think>` moved to `reasoning_content`, tool calls moved
+   after the text of their turn. `prs.trl_reward_for(tokenizer)` decodes `completion_ids` instead: the model's
+   tokens and the tool responses in the order they were sampled, as verl's reward manager does.
+6. The schedule. PRS moves from format-heavy to answer-heavy weights over training. TRL's `global_step` counts
+   optimizer steps; here each round of generation is followed by 2 of them (as train.py's --mini-batches 2), and
+   `optimizer_steps_per_generation=2` tells the reward, so the schedule reaches its end weights at the last round.
+7. TRL's defaults that differ from this project's, each set here: learning rate 1e-6 (2e-5 here, train.py's
+   default), no KL (beta 0.001), a linear LR decay (constant), gradient checkpointing on (off on a CPU), bf16 on
+   (fails without a GPU), a shuffled dataset (the rows are already in train.py's seeded order), 8 generations
+   (G = 5), 512 completion tokens for all turns together, temperature 1.0 (0.7), and a checkpoint every 500 steps
+   (none; the final model is saved).
+
+The run writes <output-dir>/rounds.jsonl (per round: PRS reward, well-formed share, tool calls executed and
+malformed, seconds since the last round, peak memory) and
+<output-dir>/final/ (the trained model, loadable by --model), evaluates it with eval.py into <output-dir>/eval/,
+and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import models  # noqa: E402
+import prs  # noqa: E402
+import rollout  # noqa: E402
+import tools  # noqa: E402
+
+OPTIMIZER_STEPS_PER_GENERATION = 2  # train.py's --mini-batches 2: the batch of a round is split in two steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tool and the prompt, as TRL wants them
+# ----------------------------------------------------------------------------------------------------------------------
+def make_search(passage_chars: int = 200):
+    """This project's BM25 search over the 10,033 Wikipedia summaries, as a Python function TRL can call (TRL builds
+    its JSON schema from the type hints and the docstring)."""
+    registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=passage_chars)}
+
+    def search(query: str) -> str:
+        """Search Wikipedia; returns the top 3 passages.
+
+        Args:
+            query: what to look up
+        """
+        call = tools.ToolCall(raw="", name="search", arguments={"query": str(query)})
+        return tools.execute(call, registry).text  # never raises; cut to rollout.py's observation budget
+
+    return search
+
+
+INSTRUCTIONS = rollout.SYSTEM_PROMPT.split("\n\nYou can call")[0] + (
+    "\n\nYou may think inside <think></think>, search up to {max_calls} times, and must end with the final answer, "
+    "a short name or phrase, inside <answer></answer>.")
+
+
+def worked_example() -> list[dict]:
+    """rollout.py's worked example as real turns: the call ends a turn, the tool answers, then the answer."""
+    return [
+        {"role": "user", "content": rollout.FEW_SHOT_QUESTION},
+        {"role": "assistant", "content": "<think>I need the article about the largest moon of Saturn.</think>",
+         "tool_calls": [{"type": "function",
+                         "function": {"name": "search", "arguments": {"query": "largest moon of Saturn"}}}]},
+        {"role": "tool", "name": "search",
+         "content": "Doc 1 (Title: Titan (moon)) Titan is the largest moon of Saturn and the second-largest in the "
+                    "Solar System."},
+        {"role": "assistant", "content": "<think>The article is Titan (moon).</think>\n<answer>Titan</answer>"},
+    ]
+
+
+def dataset(rounds: int, prompts_per_round: int, seed: int, max_calls: int):
+    """The questions train.py would see with this seed, in its order (data.PromptStream), as TRL's conversational
+    rows; `golden_answers` reaches the reward as a column."""
+    from datasets import Dataset
+
+    examples = data.PromptStream(data.load_task("wiki", "train"), seed).take(rounds * prompts_per_round)
+    system = {"role": "system", "content": INSTRUCTIONS.format(max_calls=max_calls)}
+    return Dataset.from_list([{"prompt": [system, *worked_example(), {"role": "user", "content": e.question}],
+                               "golden_answers": list(e.answers)} for e in examples])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What TRL does not log: malformed calls, and the time and memory of each round
+# ----------------------------------------------------------------------------------------------------------------------
+class RoundLog:
+    """A reward function with weight 0 that watches every round's completions, and a callback that writes a row per
+    round (TRL calls reward functions once per generation)."""
+
+    __name__ = "watch"
+
+    def __init__(self, path: Path, tokenizer):
+        self.path, self.tokenizer, self.rows, self.started = path, tokenizer, [], time.perf_counter()
+        path.write_text("")
+
+    def __call__(self, prompts, completions, completion_ids=None, golden_answers=None, trainer_state=None, **_):
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        calls = [call for completion in completions for m in completion for call in m.get("tool_calls") or []]
+        bodies = [b for text in texts for b in tools.find_tool_calls(text)]
+        rewards = prs.trl_reward(prompts, completions, completion_ids=completion_ids, tokenizer=self.tokenizer,
+                                 golden_answers=golden_answers, trainer_state=trainer_state,
+                                 optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)
+        now = time.perf_counter()
+        row = {"round": len(self.rows) + 1, "seconds": now - self.started, "executed_calls": len(calls),
+               "written_calls": len(bodies),
+               "malformed_calls": sum(not tools.parse_tool_call(b, {"search": SIGNATURE}).ok for b in bodies),
+               "answered": statistics.fmean(tools.extract_answer(t) is not None for t in texts),
+               "well_formed": statistics.fmean(prs.format_score(t) for t in texts),
+               "reward": statistics.fmean(rewards),  # PRS, the schedule's weights of this round
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+        self.started = now
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return [0.0] * len(texts)
+
+
+SIGNATURE = prs.SIGNATURE_TOOLS["search"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+def train(args) -> Path:
+    """Train with TRL's GRPOTrainer; returns the folder of the trained model."""
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.chat_template_utils import qwen2_5_chat_template
+
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = models.load_model(args.model, cache=args.cache_dir or None)
+    own_template, tokenizer.chat_template = tokenizer.chat_template, qwen2_5_chat_template  # item 1
+    group = args.group_size
+    config = GRPOConfig(
+        output_dir=str(output / "trl"), seed=args.seed, max_steps=args.rounds * OPTIMIZER_STEPS_PER_GENERATION,
+        num_generations=group, per_device_train_batch_size=args.prompts_per_round * group // 2,
+        steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION, gradient_accumulation_steps=1,  # item 6
+        learning_rate=args.lr, lr_scheduler_type="constant", beta=0.001, epsilon=0.2, loss_type="dapo",
+        temperature=args.temperature, max_completion_length=args.max_completion_length,
+        max_tool_calling_iterations=args.max_tool_calls, gradient_checkpointing=False, bf16=False,
+        use_cpu=True, shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
+        reward_weights=[1.0, 0.0], disable_tqdm=False)
+    watch = RoundLog(output / "rounds.jsonl", tokenizer)
+    reward = prs.trl_reward_for(tokenizer, optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)  # item 5
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward, watch], args=config, processing_class=tokenizer,
+                          train_dataset=dataset(args.rounds, args.prompts_per_round, args.seed, args.max_tool_calls),
+                          tools=[make_search()])
+    trainer.train()
+    final = output / "final"
+    tokenizer.chat_template = own_template  # the model as it was, with its own template (eval.py renders with it)
+    trainer.model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return final
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.EMBEDDED, help="model to train (tiny-random for a smoke run)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of generation (train.py's --steps)")
+    parser.add_argument("--prompts-per-round", type=int, default=2, help="prompts per round (an even number)")
+    parser.add_argument("--group-size", type=int, default=5, help="G, completions per prompt")
+    parser.add_argument("--lr", type=float, default=2e-5, help="learning rate (train.py's default)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (train.py's default)")
+    parser.add_argument("--max-tool-calls", type=int, default=2, help="tool calls per completion (train.py's)")
+    parser.add_argument("--max-completion-length", type=int, default=384,
+                        help="tokens of all turns of a completion together, tool responses included")
+    parser.add_argument("--eval-size", type=int, default=32, help="wiki test questions eval.py answers afterwards")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (and train.py's question order)")
+    parser.add_argument("--cache-dir", default="", help="cache of the embedded model and data")
+    parser.add_argument("--output-dir", default="runs/trl", help="folder for rounds.jsonl, final/ and eval/")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.prompts_per_round < 2 or args.prompts_per_round % 2 or args.group_size < 2:
+        parser.error("--rounds must be at least 1, --prompts-per-round an even number, --group-size at least 2")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("error: this example needs TRL: pip install trl==1.16.0")
+    final = train(args)
+    evaluation.main(["--model", str(final), "--task", "wiki", "--limit", str(args.eval_size), "--max-tool-calls",
+                     str(args.max_tool_calls), "--output", str(Path(args.output_dir) / "eval")])
+    rows = [json.loads(line) for line in (Path(args.output_dir) / "rounds.jsonl").read_text().splitlines()]
+    print(f"{len(rows)} rounds; median {statistics.median(r['seconds'] for r in rows):.0f} s per round; peak memory "
+          f"{max(r['peak_rss_gb'] for r in rows):.1f} GB; tool calls executed {sum(r['executed_calls'] for r in rows)}"
+          f", malformed {sum(r['malformed_calls'] for r in rows)}; reward {rows[0]['reward']:.2f} -> "
+          f"{rows[-1]['reward']:.2f}; well-formed {rows[0]['well_formed']:.2f} -> {rows[-1]['well_formed']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
