@@ -34,7 +34,7 @@ def test_trl_refuses_smollm2s_own_template_and_takes_the_qwen_one(tokenizer):
 
 
 def test_the_prompt_describes_the_tool_once_and_teaches_real_turns(tokenizer):
-    row = trl_grpo.dataset(1, 2, seed=0, max_calls=2)[0]
+    row = trl_grpo.dataset(1, 2, seed=0, max_calls=2, loop="trl")[0]
     text = tokenizer.apply_chat_template(row["prompt"], tools=[trl_grpo.make_search()], tokenize=False,
                                          add_generation_prompt=True)
     # TRL's template lists the tool, from the function's signature and docstring; the system message does not
@@ -70,9 +70,10 @@ def test_the_search_tool_answers_as_the_projects_does():
     assert search("") == "Error: the search query is empty"
 
 
-def test_one_round_of_trl_training_with_prs_then_eval(tmp_path, capsys):
-    trl_grpo.main(["--model", models.TINY, "--rounds", "1", "--eval-size", "2", "--max-completion-length", "32",
-                   "--output-dir", str(tmp_path)])
+@pytest.mark.parametrize("loop", ["project", "trl"])
+def test_one_round_of_trl_training_with_prs_then_eval(loop, tmp_path, capsys):
+    trl_grpo.main(["--loop", loop, "--model", models.TINY, "--rounds", "1", "--eval-size", "2",
+                   "--max-completion-length", "32", "--output-dir", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and 0 <= rows[0]["reward"] <= 1 and rows[0]["peak_rss_gb"] > 0
     assert (tmp_path / "final" / "model.safetensors").exists()
@@ -80,3 +81,19 @@ def test_one_round_of_trl_training_with_prs_then_eval(tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["wiki"]["questions"] == 2
     assert "1 rounds; median" in capsys.readouterr().out
+
+
+def test_the_projects_loop_hands_trl_every_group_in_order_with_tool_tokens_masked(tiny):
+    # rollout.py as TRL's rollout_func: TRL passes each prompt G times in a row and reads ids, log-probs and the mask
+    model, tokenizer = tiny
+    trainer = type("Trainer", (), {"num_generations": 3, "model": model, "processing_class": tokenizer})()
+    config = trl_grpo.rollout.RolloutConfig(max_new_tokens=16, max_total_tokens=900, few_shot=False)
+    rollout_func = trl_grpo.project_loop(trl_grpo.make_search(), config)
+    prompts = [[{"role": "user", "content": q}] for q in ("Q one?", "Q two?") for _ in range(3)]
+    out = rollout_func(prompts, trainer)
+    assert len(out["completion_ids"]) == len(out["env_mask"]) == len(out["logprobs"]) == 6
+    assert all(len(ids) == len(mask) == len(lp) for ids, mask, lp in
+               zip(out["completion_ids"], out["env_mask"], out["logprobs"]))
+    assert "Q one?" in tokenizer.decode(out["prompt_ids"][2]) and "Q two?" in tokenizer.decode(out["prompt_ids"][3])
+    with pytest.raises(ValueError, match="3 times in a row"):
+        rollout_func(prompts[:4], trainer)
