@@ -19,10 +19,30 @@ alone (tests compare it with encoding every context whole, rollout.RolloutConfig
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+# transformers renamed a forward pass's `past_key_values` argument and output field to `cache` (the old name warns,
+# and goes in 5.40); requirements admit releases on both sides of the rename, so the name is read off the model.
+@functools.lru_cache(maxsize=None)
+def _cache_name(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword argument that hands `cache` to `model`'s forward pass, under the name its release uses."""
+    return {_cache_name(type(model)): cache}
+
+
+def returned_cache(output):
+    """The keys and values a forward pass returned (`output.cache`, or `output.past_key_values` before the rename)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -69,7 +89,7 @@ def prefix_cache(model, prefix_ids: torch.Tensor, rows: int, encoded=None):
     call's result). The rows are views of one copy (expand), so the prefix is stored once; with gradients enabled,
     backpropagation reaches the prefix once, not once per row."""
     if encoded is None:
-        encoded = model(input_ids=prefix_ids, use_cache=True).past_key_values
+        encoded = returned_cache(model(input_ids=prefix_ids, use_cache=True))
     return DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
                                         for layer in encoded.layers])
 
@@ -186,7 +206,7 @@ def encode(model, contexts: Sequence[Sequence[int]], kept: list[RowCache | None]
         new_ids, new_mask = pad_batch([contexts[i][prefix_length + done[i]:-1] for i in group], pad_id)  # [g, n]
         cache, mask = batch_cache(prefix, [kept[i] for i in group], prefix_length, room=new_ids.shape[1])
         mask = torch.cat([mask, new_mask], dim=1).to(model.device)  # [g, P + W + n]
-        model(input_ids=new_ids.to(model.device), attention_mask=mask, past_key_values=cache, use_cache=True,
+        model(input_ids=new_ids.to(model.device), attention_mask=mask, **with_cache(model, cache), use_cache=True,
               position_ids=positions(mask)[:, -new_ids.shape[1]:], logits_to_keep=1)
         for j, i in enumerate(group):
             kept[i] = row_cache(cache, mask, j, prefix_length)

@@ -264,8 +264,8 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
     rows = list(range(len(contexts)))  # index in `segments` of each row still sampling
     out: list[kv_cache.RowCache | None] = [None] * len(contexts)
     while rows:
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1].float()  # [active, vocab]
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
+                       **kv_cache.with_cache(model, cache), use_cache=True).logits[:, -1].float()  # [active, vocab]
         logprobs = torch.log_softmax(logits / temperature, dim=-1)  # [active, vocab]
         scores = logits
         for processor in logits_processors:
@@ -460,7 +460,8 @@ def response_logprobs(model, batch: TokenBatch, temperature: float = 1.0, with_e
     start = batch.prefix_length if share_prefix else 0
     cache = kv_cache.prefix_cache(model, batch.input_ids[:1, :start], len(batch), prefix) if start else None
     hidden = model.base_model(input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                              position_ids=kv_cache.positions(batch.attention_mask)[:, start:], past_key_values=cache,
+                              position_ids=kv_cache.positions(batch.attention_mask)[:, start:],
+                              **kv_cache.with_cache(model.base_model, cache),
                               use_cache=cache is not None).last_hidden_state  # [N, L - start, H]
     rows, columns = batch.loss_mask.nonzero(as_tuple=True)  # [K], [K]: every sampled token
     # Row r's response token j sits at input position L - n_r + j (responses are right-aligned in input_ids); the

@@ -6,6 +6,7 @@ model's own logits, so the recorded log-probs are real and can be compared with 
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -201,6 +202,25 @@ def test_a_tool_response_that_exactly_fills_the_budget_is_kept(model, tok):
 # ----------------------------------------------------------------------------------------------------------------------
 # Stop reasons and groups
 # ----------------------------------------------------------------------------------------------------------------------
+def test_the_cache_goes_by_the_name_the_installed_transformers_reads(model, tok):
+    class Before(torch.nn.Module):  # transformers before the rename
+        def forward(self, input_ids=None, past_key_values=None):
+            pass
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            pass
+
+    assert kv_cache.with_cache(Before(), "kv") == {"past_key_values": "kv"}
+    assert kv_cache.with_cache(After(), "kv") == {"cache": "kv"}
+    # the tool loop and the log-prob pass use the installed release's name: no warning about the old one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (trajectory,) = run(model, tok, {"calls": [CALL, ANSWER]})
+        response_logprobs(model, collate([trajectory], tok.pad_token_id))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_stop_reasons(model, tok):
     eos, too_many_calls = run(model, tok, {"eos": [["Just some words", "EOS"]], "calls": [CALL, CALL, ANSWER]},
                               max_tool_calls=1)
@@ -252,7 +272,7 @@ def test_batch_cache_lays_out_kept_rows_after_the_shared_prefix(model):
         prefix = kv_cache.prefix_cache(model, torch.tensor([[5, 6]]), rows=1)
         kept = []
         for context in contexts:  # each row encoded alone, all of it but its last token
-            cache = model(input_ids=torch.tensor([context[:-1]]), use_cache=True).past_key_values
+            cache = kv_cache.returned_cache(model(input_ids=torch.tensor([context[:-1]]), use_cache=True))
             kept.append(kv_cache.row_cache(cache, torch.ones(1, len(context) - 1), 0, prefix_length=2))
     assert [row.length for row in kept] == [2, 1]
     cache, mask = kv_cache.batch_cache(prefix, kept, prefix_length=2, room=3)
