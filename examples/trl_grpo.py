@@ -261,6 +261,13 @@ def main(argv=None) -> None:
         import trl  # noqa: F401
     except ImportError:
         sys.exit("error: this example needs TRL: pip install trl==1.16.0")
+    # Refuse before training, not after it: eval.py would refuse to write over an earlier evaluation at the end.
+    output = Path(args.output_dir)
+    earlier = [name for name in ("final", "eval") if (output / name).exists()]
+    if earlier:
+        parser.error(f"--output-dir {output} holds an earlier run ({' and '.join(earlier)}/): choose another")
+    if (output / "rounds.jsonl").exists():
+        print(f"note: {output} holds a run that stopped before its end; this run starts again and replaces its log")
     final = train(args)
     evaluation.main(["--model", str(final), "--task", "wiki", "--limit", str(args.eval_size), "--max-tool-calls",
                      str(args.max_tool_calls), "--output", str(Path(args.output_dir) / "eval")])

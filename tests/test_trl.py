@@ -97,3 +97,11 @@ def test_the_projects_loop_hands_trl_every_group_in_order_with_tool_tokens_maske
     assert "Q one?" in tokenizer.decode(out["prompt_ids"][2]) and "Q two?" in tokenizer.decode(out["prompt_ids"][3])
     with pytest.raises(ValueError, match="3 times in a row"):
         rollout_func(prompts[:4], trainer)
+
+
+def test_an_earlier_run_is_refused_before_training_starts(tmp_path, capsys):
+    (tmp_path / "final").mkdir()
+    with pytest.raises(SystemExit):
+        trl_grpo.main(["--model", models.TINY, "--output-dir", str(tmp_path)])
+    assert f"--output-dir {tmp_path} holds an earlier run (final/)" in capsys.readouterr().err
+    assert not (tmp_path / "rounds.jsonl").exists()  # nothing was trained
