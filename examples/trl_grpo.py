@@ -74,6 +74,7 @@ import rollout  # noqa: E402
 import tools  # noqa: E402
 
 OPTIMIZER_STEPS_PER_GENERATION = 2  # train.py's --mini-batches 2: the batch of a round is split in two steps
+SIGNATURE = prs.SIGNATURE_TOOLS["search"]  # the search tool's name, description and parameters, as PRS checks calls
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,8 +191,6 @@ class RoundLog:
             handle.write(evaluation.jsonl_line(row))
         return [0.0] * len(texts)
 
-
-SIGNATURE = prs.SIGNATURE_TOOLS["search"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
