@@ -603,20 +603,26 @@ def compute_score(data_source, solution_str: str, ground_truth, extra_info=None,
                   tools: Mapping[str, Tool] = SIGNATURE_TOOLS, require_tool: bool = True, step: int | None = None,
                   total_steps: int | None = None) -> dict[str, float]:
     """PRS as a verl custom reward: `custom_reward_function.path=prs.py custom_reward_function.name=compute_score`
-    (with this repository on PYTHONPATH: prs.py imports tools.py).
+    (tools.py beside prs.py; verl loads the file by its path, and prs.py then reads tools.py from its own folder).
 
     verl's reward manager calls `compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)`
     with the decoded response; `ground_truth` is a string, a list of aliases or Search-R1's {"target": [...]}. The
-    step comes from the keyword arguments (verl's `custom_reward_function.reward_kwargs`), else from `extra_info`'s
-    "step" and "total_steps", else it is the final step (the answer-heavy end weights). Returns "score" and every
+    step and the number of steps come from the keyword arguments (verl's `custom_reward_function.reward_kwargs`),
+    else from `extra_info`'s "step" and "total_steps"; given neither, the final step (the answer-heavy end weights).
+    A step without a number of steps is refused: the schedule would silently sit at its end. Returns "score" and every
     stage's raw score plus "exact_match", the same keys for every sample so verl can log them as columns.
 
     >>> compute_score("nq", "<answer>Nile</answer>", {"target": ["Nile"]}, require_tool=False)["score"]
     0.9
     """
     extra_info = extra_info or {}
-    step = step if step is not None else extra_info.get("step", 1)
-    total_steps = total_steps if total_steps is not None else extra_info.get("total_steps", 1)
+    step = step if step is not None else extra_info.get("step")
+    total_steps = total_steps if total_steps is not None else extra_info.get("total_steps")
+    if (step is None) != (total_steps is None):
+        raise ValueError(f"compute_score: step={step!r} but total_steps={total_steps!r}: give both (in "
+                         f"custom_reward_function.reward_kwargs or in extra_info) or neither")
+    if step is None:
+        step = total_steps = 1  # the end of the schedule
     result = prs_reward(solution_str, ground_truth, tools, step=step, total_steps=total_steps,
                         require_tool=require_tool)
     return {"score": result.total, **result.stages, "exact_match": result.exact_match}

@@ -30,7 +30,8 @@ What a TRL user must know so that the reward sees what PRS scores, and how this 
    ends. The worked example is given as real turns (the call ends an assistant turn, the tool answers in its own
    turn, the answer is the next assistant turn), so the model is shown to end its turn after a call instead of
    writing a `<tool_response>` of its own. SmolLM2-135M does not pick that up: given this prompt it starts its
-   answer with a `<tool_response>` of its own and rarely calls (README, "Using PRS with TRL", has the counts).
+   answer with a `<tool_response>` of its own, or answers without searching: in 8 rounds it made no call TRL could
+   run (README, "Using PRS with TRL", has the counts).
    With rollout.py's one-turn example and stop at `</tool_call>` (`--loop project`) it calls on most questions.
 4. Malformed calls (TRL's loop). A call TRL's parser cannot read (bad JSON, an unclosed tag) is silently kept as
    text: no error goes back to the model, and TRL's `tools/failure_frequency` does not count it. PRS does: its
@@ -42,8 +43,8 @@ What a TRL user must know so that the reward sees what PRS scores, and how this 
    optimizer steps; here each round of generation is followed by 2 of them (as train.py's --mini-batches 2), and
    `optimizer_steps_per_generation=2` tells the reward, so the schedule reaches its end weights at the last round.
 7. TRL's defaults that differ from this project's, each set here: learning rate 1e-6 (2e-5 here, train.py's
-   default), no KL (beta 0.001), a linear LR decay (constant), gradient checkpointing on (off on a CPU), bf16 on
-   (fails without a GPU), a shuffled dataset (the rows are already in train.py's seeded order), 8 generations
+   default), no KL (beta 0.001), a linear LR decay (constant), gradient checkpointing on (off: the model is small), bf16
+   on (fails without a GPU: on only where a GPU supports it; the run uses the GPU when there is one), a shuffled dataset (the rows are already in train.py's seeded order), 8 generations
    (G = 5), 512 completion tokens for all turns together, temperature 1.0 (0.7), and a checkpoint every 500 steps
    (none; the final model is saved).
 
@@ -62,6 +63,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -203,6 +206,7 @@ def train(args) -> Path:
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # item 7
     model, tokenizer = models.load_model(args.model, cache=args.cache_dir or None)
     own_template = tokenizer.chat_template
     search = make_search()
@@ -220,8 +224,8 @@ def train(args) -> Path:
         steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION, gradient_accumulation_steps=1,  # item 6
         learning_rate=args.lr, lr_scheduler_type="constant", beta=0.001, epsilon=0.2, loss_type="dapo",
         temperature=args.temperature, max_completion_length=args.max_completion_length,
-        max_tool_calling_iterations=args.max_tool_calls, gradient_checkpointing=False, bf16=False,
-        use_cpu=True, shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
+        max_tool_calling_iterations=args.max_tool_calls, gradient_checkpointing=False, bf16=gpu_bf16,
+        use_cpu=not torch.cuda.is_available(), shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
         reward_weights=[1.0, 0.0])
     watch = RoundLog(output / "rounds.jsonl", tokenizer)
     reward = prs.trl_reward_for(tokenizer, optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)  # item 5

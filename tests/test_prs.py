@@ -443,5 +443,15 @@ def test_verl_compute_score_called_like_the_reward_manager(ground_truth):
         prs_reward(respond("Amazon"), "Nile", TOOLS, step=0, total_steps=10).total)
 
 
+def test_verl_compute_score_refuses_a_step_without_the_number_of_steps():
+    with pytest.raises(ValueError, match=r"step=3 but total_steps=None: give both"):
+        compute_score("nq", respond("Nile"), "Nile", step=3)
+    with pytest.raises(ValueError, match=r"step=None but total_steps=10"):
+        compute_score("nq", respond("Nile"), "Nile", {"total_steps": 10})
+    # the keyword arguments (reward_kwargs) and extra_info may each give one
+    assert compute_score("nq", respond("Amazon"), "Nile", {"total_steps": 10}, step=0)["score"] == pytest.approx(
+        prs_reward(respond("Amazon"), "Nile", TOOLS, step=0, total_steps=10).total)
+
+
 def test_docstring_examples_hold():
     assert doctest.testmod(prs).failed == 0
