@@ -155,7 +155,7 @@ def run_one(args, cell: str, seed: int) -> Path:
         print(f"{cell} seed {seed}: {'continuing' if resume else 'training'} ({log})", flush=True)
         spent = run_command(command, log, Path(args.runs))
         cost = {"cpu_s": cost["cpu_s"] + spent["cpu_s"], "train_wall_s": cost["train_wall_s"] + spent["wall_s"]}
-        cost_path.write_text(json.dumps(cost))
+        write_json(cost_path, cost)
     evaluation = folder / "eval"
     shutil.rmtree(evaluation, ignore_errors=True)  # a killed evaluation starts again
     print(f"{cell} seed {seed}: evaluating", flush=True)
@@ -163,10 +163,7 @@ def run_one(args, cell: str, seed: int) -> Path:
                          str(args.eval_wiki), "--output", str(evaluation), *args.extra_eval], log, Path(args.runs))
     cost |= {"cpu_s": cost["cpu_s"] + spent["cpu_s"], "eval_wall_s": spent["wall_s"]}
     summary = summarise(cell, seed, flags, folder, cost)
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, summary_path)
+    write_json(summary_path, summary)
     shutil.rmtree(folder / "checkpoints")  # the summary and the logs are what the table needs
     return summary_path
 
@@ -205,9 +202,16 @@ def evaluate_base(args) -> Path:
     run_command([sys.executable, "eval.py", "--model", args.model, "--task", "wiki", "fanoutqa", "--limit",
                  str(args.eval_wiki), "--output", str(folder / "eval"), *args.extra_eval], folder / "grid.log",
                 Path(args.runs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"eval": json.loads((folder / "eval" / "metrics.json").read_text())}, indent=1) + "\n")
+    write_json(path, {"eval": json.loads((folder / "eval" / "metrics.json").read_text())})
     return path
+
+
+def write_json(path: Path, value) -> None:
+    """Write a summary whole or not at all (a kill mid-write leaves the earlier file or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
