@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import resource
 import statistics
 import sys
@@ -258,8 +259,19 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default="", help="cache of the embedded model and data")
     parser.add_argument("--output-dir", default="runs/trl", help="folder for rounds.jsonl, final/ and eval/")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.prompts_per_round < 2 or args.prompts_per_round % 2 or args.group_size < 2:
-        parser.error("--rounds must be at least 1, --prompts-per-round an even number, --group-size at least 2")
+    for flag, value, ok, must in [
+            ("--rounds", args.rounds, args.rounds >= 1, "at least 1"),
+            ("--prompts-per-round", args.prompts_per_round, args.prompts_per_round >= 2 and
+             args.prompts_per_round % 2 == 0, "an even number, at least 2 (a round is two optimizer steps)"),
+            ("--group-size", args.group_size, args.group_size >= 2, "at least 2"),
+            ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a positive number"),
+            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature > 0,
+             "a positive number"),
+            ("--max-tool-calls", args.max_tool_calls, args.max_tool_calls >= 1, "at least 1"),
+            ("--max-completion-length", args.max_completion_length, args.max_completion_length >= 1, "at least 1"),
+            ("--eval-size", args.eval_size, args.eval_size >= 1, "at least 1")]:
+        if not ok:
+            parser.error(f"{flag} {value}: must be {must}")
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -105,3 +105,14 @@ def test_an_earlier_run_is_refused_before_training_starts(tmp_path, capsys):
         trl_grpo.main(["--model", models.TINY, "--output-dir", str(tmp_path)])
     assert f"--output-dir {tmp_path} holds an earlier run (final/)" in capsys.readouterr().err
     assert not (tmp_path / "rounds.jsonl").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr nan: must be a positive number"), ("--lr", "-0.5", "--lr -0.5: must be"),
+    ("--temperature", "inf", "--temperature inf: must be"), ("--prompts-per-round", "3", "an even number"),
+    ("--group-size", "1", "--group-size 1: must be at least 2"), ("--rounds", "0", "--rounds 0"),
+    ("--max-tool-calls", "0", "--max-tool-calls 0"), ("--eval-size", "0", "--eval-size 0")])
+def test_a_bad_flag_is_named_before_anything_runs(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        trl_grpo.main([flag, value, "--output-dir", str(tmp_path / "run")])
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
