@@ -19,8 +19,8 @@ One training step is the algorithm; the loop in `train` makes one call per line 
 
 --algorithm picks the paper's method or a baseline: vspo (value-based replacement + value-smoothing clipping),
 grpo (vanilla: no replacement; dead groups stay in the batch with advantage 0, as TRL and verl run it), dapo (dead
-groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and --value-clip override the sampling parts for
-ablations (e.g. VSPO with random replacement).
+groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and
+--value-clip override the sampling parts for ablations (e.g. VSPO with random replacement).
 
 The defaults train the embedded model on a laptop CPU in about 9 minutes; README ("Training on a GPU") gives the
 paper's settings for a GPU.

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -420,8 +421,13 @@ def main(argv=None) -> None:
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
         parser.error(f"--cells {' '.join(unknown)}: unknown; use {', '.join(GROUPS)} or {', '.join(CELLS)}")
-    if args.steps < 1 or args.seeds < 1 or args.eval_wiki < 1:
-        parser.error("--steps, --seeds and --eval-wiki must be at least 1")
+    for flag, value, least in [("--steps", args.steps, 1), ("--seeds", args.seeds, 1),
+                               ("--eval-wiki", args.eval_wiki, 1), ("--prompts-per-step", args.prompts_per_step, 1),
+                               ("--group-size", args.group_size, 2), ("--save-every", args.save_every, 0)]:
+        if value < least:
+            parser.error(f"{flag} {value}: must be at least {least}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr {args.lr}: must be a positive number")
     # eval.py must build the same agent as train.py: the agent flags of --extra go to it too
     args.extra_eval = agent_flags(args.extra)
     if not args.report_only:

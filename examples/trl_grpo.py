@@ -43,10 +43,11 @@ What a TRL user must know so that the reward sees what PRS scores, and how this 
    optimizer steps; here each round of generation is followed by 2 of them (as train.py's --mini-batches 2), and
    `optimizer_steps_per_generation=2` tells the reward, so the schedule reaches its end weights at the last round.
 7. TRL's defaults that differ from this project's, each set here: learning rate 1e-6 (2e-5 here, train.py's
-   default), no KL (beta 0.001), a linear LR decay (constant), gradient checkpointing on (off: the model is small), bf16
-   on (fails without a GPU: on only where a GPU supports it; the run uses the GPU when there is one), a shuffled dataset (the rows are already in train.py's seeded order), 8 generations
-   (G = 5), 512 completion tokens for all turns together, temperature 1.0 (0.7), and a checkpoint every 500 steps
-   (none; the final model is saved).
+   default), no KL (beta 0.001), a linear LR decay (constant), gradient checkpointing on (off: the model is
+   small), bf16 on (fails without a GPU: on only where a GPU supports it; the run uses the GPU when there is one),
+   a shuffled dataset (the rows are already in train.py's seeded order), 8 generations (G = 5), 512 completion
+   tokens for all turns together, temperature 1.0 (0.7), and a checkpoint every 500 steps (none; the final model
+   is saved).
 
 The run writes <output-dir>/rounds.jsonl (per round: PRS reward, well-formed share, tool calls executed and
 malformed, seconds since the last round, peak memory) and <output-dir>/final/ (the trained model, loadable by
@@ -226,8 +227,8 @@ def train(args) -> Path:
         learning_rate=args.lr, lr_scheduler_type="constant", beta=0.001, epsilon=0.2, loss_type="dapo",
         temperature=args.temperature, max_completion_length=args.max_completion_length,
         max_tool_calling_iterations=args.max_tool_calls, gradient_checkpointing=False, bf16=gpu_bf16,
-        use_cpu=not torch.cuda.is_available(), shuffle_dataset=False, logging_steps=1, save_strategy="no", report_to="none",
-        reward_weights=[1.0, 0.0])
+        use_cpu=not torch.cuda.is_available(), shuffle_dataset=False, logging_steps=1, save_strategy="no",
+        report_to="none", reward_weights=[1.0, 0.0])
     watch = RoundLog(output / "rounds.jsonl", tokenizer)
     reward = prs.trl_reward_for(tokenizer, optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)  # item 5
     trainer = GRPOTrainer(model=model, reward_funcs=[reward, watch], args=config, processing_class=tokenizer,

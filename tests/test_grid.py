@@ -75,3 +75,13 @@ def test_the_grid_runs_summarises_skips_and_reports(tiny_agent, tmp_path, capsys
     grid.main(flags)
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")} == stamps
     assert ": training (" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "--steps 0: must be at least 1"), ("--group-size", "1", "--group-size 1: must be at least 2"),
+    ("--lr", "nan", "--lr nan: must be a positive number"), ("--seeds", "0", "--seeds 0"),
+    ("--save-every", "-1", "--save-every -1")])
+def test_a_bad_budget_is_named_before_anything_runs(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        grid.main([flag, value, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
