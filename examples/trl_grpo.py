@@ -286,8 +286,8 @@ def main(argv=None) -> None:
         print(f"note: {output} holds a run that stopped before its end; this run starts again and replaces its log")
     final = train(args)
     evaluation.main(["--model", str(final), "--task", "wiki", "--limit", str(args.eval_size), "--max-tool-calls",
-                     str(args.max_tool_calls), "--output", str(Path(args.output_dir) / "eval")])
-    rows = [json.loads(line) for line in (Path(args.output_dir) / "rounds.jsonl").read_text().splitlines()]
+                     str(args.max_tool_calls), "--output", str(output / "eval")])
+    rows = [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]
     print(f"{len(rows)} rounds; median {statistics.median(r['seconds'] for r in rows):.0f} s per round; peak memory "
           f"{max(r['peak_rss_gb'] for r in rows):.1f} GB; tool calls executed {sum(r['executed_calls'] for r in rows)}"
           f", malformed {sum(r['malformed_calls'] for r in rows)}; reward {rows[0]['reward']:.2f} -> "
