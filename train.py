@@ -212,6 +212,11 @@ class Batch:
 
 def make_batch(run: Run, groups: list[Group]) -> Batch:
     rows = [(t, reward, g.replays) for g in groups for t, reward in g.scored()]
+    # Shortest first: every pass below goes through the batch a micro-batch at a time, and a micro-batch is padded to
+    # its longest row, so neighbours of similar lengths waste little (the reference model's pass over 4 questions x 5
+    # trajectories: 10.3 s against 15.9 s in group order). Nothing depends on the order: each row carries its own
+    # group id, reward and replay count.
+    rows.sort(key=lambda row: len(row[0].prompt_ids) + len(row[0].response_ids))
     trajectories = [t for t, _, _ in rows]
     tokens = rollout.collate(trajectories, run.tokenizer.pad_token_id)
     size, temperature = run.args.micro_batch_size, run.args.temperature

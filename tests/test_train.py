@@ -533,3 +533,22 @@ def test_eval_never_writes_over_an_earlier_evaluation_and_shows_progress(tiny_ag
     with pytest.raises(SystemExit, match=r"--output .* would replace files already there \(wiki.jsonl, metrics.json"):
         evaluation.main(arguments)
     assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before
+
+
+def test_the_batch_is_shortest_first_and_each_row_keeps_its_own_reward_group_and_replays(tiny_agent, tmp_path):
+    # Micro-batches are padded to their longest row, so make_batch orders rows by length; every per-row field must
+    # follow its trajectory there.
+    run, state = train.setup(parse(settings.TrainArgs, small(tiny_agent, tmp_path)))
+    groups = train.score(run, train.roll_out(run, state.stream.take(2), replays=[0, 3]), step=0)
+    batch = train.make_batch(run, groups)
+    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in batch.trajectories]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    owner = {id(t): (reward, g.trajectories[0].group_id, g.replays) for g in groups for t, reward in g.scored()}
+    assert len(batch.trajectories) == len(owner)
+    for i, t in enumerate(batch.trajectories):
+        reward, group_id, replays = owner[id(t)]
+        assert (batch.rewards[i].item(), batch.group_ids[i].item(), batch.replays[i].item()) == (
+            pytest.approx(reward), group_id, replays)
+        n = len(t.response_ids)
+        assert batch.tokens.response_ids[i, :n].tolist() == t.response_ids
+        assert batch.tokens.loss_mask[i, :n].tolist() == t.loss_mask
