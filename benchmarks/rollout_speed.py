@@ -12,12 +12,15 @@ questions, tools and limits:
     re-encoding       this project's batched loop, encoding each trajectory's whole context again every round
                       (RolloutConfig(keep_cache=False), the reference path of the tests)
     this project      the batched loop keeping each trajectory's keys and values across tool rounds
+    usual layout      the same, with the weights left as they are stored while decoding (without
+                      rollout.decoding_layout, which on a CPU stores them column by column while decoding)
 
 It prints, for each, the sampled and tool-response tokens, the wall time and sampled tokens per second, then the
 ratios of this project's loop to the others.
 """
 
 import argparse
+import contextlib
 import pathlib
 import sys
 import time
@@ -38,6 +41,16 @@ def project_loop(model, tokenizer, examples, registry, config):
     trajectories = rollout.rollout(model, tokenizer, examples, registry, config)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
     return sampled, sum(len(t.loss_mask) for t in trajectories) - sampled
+
+
+def usual_layout_loop(model, tokenizer, examples, registry, config):
+    """project_loop with rollout.decoding_layout turned off."""
+    laid_out = rollout.decoding_layout
+    rollout.decoding_layout = lambda model: contextlib.nullcontext()
+    try:
+        return project_loop(model, tokenizer, examples, registry, config)
+    finally:
+        rollout.decoding_layout = laid_out
 
 
 def hf_generate_loop(model, tokenizer, examples, registry, config):
@@ -93,7 +106,7 @@ def main():
     parser.add_argument("--model", default=models.EMBEDDED, help="a --model value (models.py)")
     parser.add_argument("--trajectories", type=int, default=16, help="how many trajectories (questions x 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["one", "hf", "reencode"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["one", "hf", "reencode", "layout"],
                         help="ways to leave out (one at a time is slow at large --trajectories)")
     args = parser.parse_args()
 
@@ -107,7 +120,8 @@ def main():
     ways = {"one at a time": ("one", project_loop, dict(batch_size=1)),
             "HF generate": ("hf", hf_generate_loop, {}),
             "re-encoding": ("reencode", project_loop, dict(batch_size=len(examples) * 2, keep_cache=False)),
-            "this project": ("", project_loop, dict(batch_size=len(examples) * 2))}
+            "this project": ("", project_loop, dict(batch_size=len(examples) * 2)),
+            "usual layout": ("layout", usual_layout_loop, dict(batch_size=len(examples) * 2))}
     speed = {}
     for name, (key, loop, extra) in ways.items():
         if key in args.skip:

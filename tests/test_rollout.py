@@ -5,6 +5,7 @@ sequence, so masks, spans, stop points and tool responses can be checked exactly
 model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
 """
 
+import contextlib
 import json
 import warnings
 
@@ -423,4 +424,33 @@ def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, b
     for a, b in zip(kept, fresh):
         assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask and a.steps == b.steps
         assert a.stop_reason == b.stop_reason and [c.span for c in a.tool_calls] == [c.span for c in b.tool_calls]
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
+    # While decoding on a CPU each linear weight is stored column by column (rollout.decoding_layout): the same
+    # values, the same greedy trajectories, the output layer still tied to the input embedding, and every weight
+    # back in its usual layout afterwards (save_pretrained and the update see what they always saw).
+    model, tokenizer = embedded
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    strides = {name: p.stride() for name, p in model.named_parameters()}
+    with rollout.decoding_layout(model):
+        head = model.get_output_embeddings().weight
+        assert head is model.get_input_embeddings().weight  # still one tensor
+        assert head.stride() == (1, head.shape[0]) and torch.equal(head, before["model.embed_tokens.weight"])
+        moved = [name for name, p in model.named_parameters() if p.stride() != strides[name]]
+        assert len(moved) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # the tied head: as embed_tokens
+        assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert {name: p.stride() for name, p in model.named_parameters()} == strides
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+    registry = {"search": tools.search_tool(bm25, passage_chars=200)}
+    examples = data.load_task("wiki", "test")[:3]
+    config = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=48, max_total_tokens=1024, max_tool_calls=1)
+    laid_out = rollout.rollout(model, tokenizer, examples, registry, config)
+    monkeypatch.setattr(rollout, "decoding_layout", lambda model: contextlib.nullcontext())
+    plain = rollout.rollout(model, tokenizer, examples, registry, config)
+    assert sum(len(t.tool_calls) for t in plain) >= 2
+    for a, b in zip(laid_out, plain):
+        assert a.response_ids == b.response_ids and a.stop_reason == b.stop_reason
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
