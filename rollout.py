@@ -307,9 +307,10 @@ def decoding_layout(model):
     Why: a decode step multiplies a few rows (one token per trajectory) by every weight matrix. On a CPU, MKL's
     product of 16 rows by a weight stored row by row (`x @ W.T`, as nn.Linear computes it) is about 4 times slower
     than by the same weight stored column by column (measured: 767 against 198 µs for a 1536 x 576 layer, 27.6
-    against 12.8 ms for the 49152 x 576 output layer); the rollout of benchmarks/rollout_speed.py takes about a
-    quarter less time. Encoding many tokens at once, and the update, run as fast either way, and a GPU does not need
-    it, so it is done only here, only on a CPU. A tied input embedding shares the output layer's weight, and its
+    against 12.8 ms for the 49152 x 576 output layer). The rollout of benchmarks/rollout_speed.py (16 trajectories)
+    runs 1.27x faster, evaluation's 32 questions about 1.1x, where attention and the encoding of tool responses
+    weigh more. Encoding many tokens at once, and the update, run as fast either way, and a GPU does not need it, so
+    it is done only here, only on a CPU. A tied input embedding shares the output layer's weight, and its
     lookups read the new layout as well."""
     weights = {id(m.weight): m.weight for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and m.weight.dim() == 2

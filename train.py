@@ -1,6 +1,6 @@
 """Train a tool-using QA agent with PRS rewards, VSPO sampling and (optionally) iStar credit, on one GPU or a CPU.
 
-    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~9 min
+    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~8 min
     python train.py --model Qwen2.5-1.5B --lr 1e-6 --temperature 1.0 --steps 500 --prompts-per-step 32
     python train.py --resume runs/default --steps 16  # continue where the last checkpoint left off
 
@@ -22,7 +22,7 @@ grpo (vanilla: no replacement; dead groups stay in the batch with advantage 0, a
 groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and
 --value-clip override the sampling parts for ablations (e.g. VSPO with random replacement).
 
-The defaults train the embedded model on a laptop CPU in 9 to 16 minutes; README ("Training on a GPU") gives the
+The defaults train the embedded model on a laptop CPU in 8 to 16 minutes; README ("Training on a GPU") gives the
 paper's settings for a GPU.
 """
 

@@ -1,8 +1,8 @@
-"""Rollout throughput: the same trajectories generated four ways, on the embedded model, in one run.
+"""Rollout throughput: the same trajectories generated five ways, on the embedded model, in one run.
 
     python benchmarks/rollout_speed.py [--model smollm2-135m] [--trajectories 16] [--device cpu]
 
-The four ways, all greedy (so each does the same work: the same trajectories, up to float rounding), with the same
+The five ways, all greedy (so each does the same work: the same trajectories, up to float rounding), with the same
 questions, tools and limits:
 
     one at a time     this project's tool loop with a batch of 1
