@@ -439,7 +439,8 @@ def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monk
         assert head is model.get_input_embeddings().weight  # still one tensor
         assert head.stride() == (1, head.shape[0]) and torch.equal(head, before["model.embed_tokens.weight"])
         moved = [name for name, p in model.named_parameters() if p.stride() != strides[name]]
-        assert len(moved) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # the tied head: as embed_tokens
+        # every linear layer's weight; the tied output layer's is named once, as model.embed_tokens.weight
+        assert len(moved) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert {name: p.stride() for name, p in model.named_parameters()} == strides
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
