@@ -228,7 +228,7 @@ class Judge:
                 continue
             try:
                 content = completion.choices[0].message.content
-            except (AttributeError, IndexError, TypeError):
+            except (AttributeError, IndexError, KeyError, TypeError):  # the client keeps a `choices` that is no list
                 content = None
             return content if isinstance(content, str) else ""  # no text in a 200: no verdict to parse
         log.warning("judge request failed after %d attempt(s); the sample is unscored: %s",
@@ -253,13 +253,19 @@ class Judge:
     def _read_cache(self) -> dict[str, float]:
         if not os.path.exists(self.cache_path):
             return {}
-        cache = {}
+        cache, line = {}, "\n"
         with open(self.cache_path, encoding="utf-8", errors="replace") as file:
             for line in file:
                 try:
                     entry = json.loads(line)
-                    cache[entry["key"]] = float(entry["score"])
+                    score = entry["score"]
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a crash: that verdict is asked again
+                # a score only this class wrote: a number in [0, 1] (an edited file's NaN, 7 or "0.8" is asked again)
+                if isinstance(score, (int, float)) and not isinstance(score, bool) and 0.0 <= score <= 1.0:
+                    cache[entry["key"]] = float(score)
+        if not line.endswith("\n"):  # cut short by a kill: the next verdict starts a line of its own
+            with open(self.cache_path, "a", encoding="utf-8") as file:
+                file.write("\n")
         return cache
 

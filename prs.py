@@ -47,6 +47,7 @@ Adapters for other trainers: `trl_reward` (TRL's GRPOTrainer reward function) an
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -71,6 +72,22 @@ class AnswerJudge(Protocol):
     order, None for an item it could not score. judge.Judge is one (an LLM over an OpenAI-compatible endpoint)."""
 
     def score_batch(self, items: Sequence[tuple[str, str, str]]) -> list[float | None]: ...
+
+
+def judge_scores(judge: AnswerJudge, items: Sequence[tuple[str, str, str]]) -> list[float | None]:
+    """judge.score_batch(items), checked: one score per item, and a score that is not a number in [0, 1] (NaN from
+    a custom judge, say) is None, unscored, never a silent 0 or an advantage of NaN.
+
+    >>> class OddJudge:
+    ...     def score_batch(self, items): return [0.5, float("nan"), 3.0, None]
+    >>> judge_scores(OddJudge(), [("Q?", "R.", "A.")] * 4)
+    [0.5, None, None, None]
+    """
+    scores = list(judge.score_batch(items))
+    if len(scores) != len(items):
+        raise ValueError(f"the judge returned {len(scores)} score(s) for {len(items)} answers")
+    return [float(s) if isinstance(s, numbers.Real) and not isinstance(s, bool) and 0.0 <= s <= 1.0 else None
+            for s in scores]
 
 
 # OUR READING: the paper gives no weights. At the start, format and tool calls carry 0.7 so that a small model first
@@ -444,7 +461,7 @@ def prs_longform_rewards(responses: Sequence[str], questions: Sequence[str], ref
     # OUR READING: a gated-off judge stage counts 0 whatever the judge says, so it is not asked (cost, and no
     # unscored samples among responses the earlier stages already scored).
     asked = [i for i, s in enumerate(stages) if s["format"] == 1.0 and s["tool_call"] == 1.0]
-    verdicts = dict(zip(asked, judge.score_batch([(questions[i], references[i], answers[i]) for i in asked])))
+    verdicts = dict(zip(asked, judge_scores(judge, [(questions[i], references[i], answers[i]) for i in asked])))
     results = []
     for i, answer in enumerate(answers):
         scores = {**stages[i], "judge": verdicts.get(i)}
@@ -481,7 +498,7 @@ def binary_longform_rewards(responses: Sequence[str], questions: Sequence[str], 
     """
     answers = [extract_answer(response) for response in responses]
     asked = [i for i, answer in enumerate(answers) if answer]
-    verdicts = dict(zip(asked, judge.score_batch([(questions[i], references[i], answers[i]) for i in asked])))
+    verdicts = dict(zip(asked, judge_scores(judge, [(questions[i], references[i], answers[i]) for i in asked])))
     results = []
     for i, answer in enumerate(answers):
         score = verdicts.get(i)

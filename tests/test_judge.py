@@ -273,7 +273,8 @@ def test_docstring_examples_hold():
 # Whatever a server answers, a judge call ends as a score or as unscored and counted
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body", ['{"choices": [', "not json at all", "", '{"choices": "none"}', "[1, 2]",
-                                  '{"choices": [{"message": {"content": 7}}]}'])
+                                  '{"choices": [{"message": {"content": 7}}]}', '{"choices": {}}',
+                                  '{"choices": {"0": 1}}'])
 def test_a_200_the_client_cannot_read_is_retried_then_unscored_and_counted(chat_server, body):
     server = chat_server(lambda request: ("raw", body))
     judge = make_judge(server, max_retries=2)
@@ -307,3 +308,49 @@ def test_any_text_a_model_writes_is_judged_and_cached(chat_server, tmp_path):
     resumed = make_judge(server, cache_path=str(path))
     assert resumed.score("Capital of \ud800 France?", "Paris.", "\ud800 Paris") == 0.8
     assert resumed.stats["cache_hits"] == 1 and len(server.requests) == 1
+
+
+def test_a_cache_line_cut_short_by_a_kill_loses_no_later_verdict(chat_server, tmp_path):
+    server = chat_server(score_in_answer)
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "abc", "sco')  # a kill in the middle of a write: no newline at the end
+    make_judge(server, cache_path=str(path)).score("Q?", "R.", "s8")
+    fresh = make_judge(server, cache_path=str(path))
+    assert fresh.score("Q?", "R.", "s8") == 0.8
+    assert fresh.stats["cache_hits"] == 1 and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("score", ["NaN", '"nan"', "7", "-0.5", "true", '"0.8"', "null"])
+def test_a_cached_score_that_is_no_verdict_is_asked_again(chat_server, tmp_path, score):
+    server = chat_server(score_in_answer)
+    path = tmp_path / "cache.jsonl"
+    key = make_judge(server)._key("Q?", "R.", "s6")
+    path.write_text('{"key": "%s", "score": %s, "reason": "edited"}\n' % (key, score))
+    judge = make_judge(server, cache_path=str(path))
+    assert judge.score("Q?", "R.", "s6") == 0.6 and judge.stats["cache_hits"] == 0 and len(server.requests) == 1
+
+
+class FixedJudge:
+    """A custom judge (prs.AnswerJudge) that answers the given scores, whatever it is asked."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score_batch(self, items):
+        return list(self.scores)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.5, True, "0.9"])
+def test_a_custom_judge_score_that_is_no_number_in_0_1_is_unscored_never_a_silent_0(bad):
+    responses = ["<answer>x</answer>", "<answer>y</answer>"]
+    binary = binary_longform_rewards(responses, ["Q?"] * 2, ["R."] * 2, FixedJudge([bad, 0.9]))
+    assert [r.total for r in binary] == [None, 1.0]
+    well_formed = f"<think>t</think>{call()}{env('obs')}<answer>x</answer>"
+    shaped = prs_longform_rewards([well_formed] * 2, ["Q?"] * 2, ["R."] * 2, FixedJudge([bad, 0.9]), TOOLS,
+                                  step=0, total_steps=10)
+    assert shaped[0].total is None and shaped[1].total is not None
+
+
+def test_a_custom_judge_that_returns_too_few_scores_is_an_error_not_zeros():
+    with pytest.raises(ValueError, match="1 score.* for 2 answers"):
+        binary_longform_rewards(["<answer>x</answer>"] * 2, ["Q?"] * 2, ["R."] * 2, FixedJudge([0.9]))
