@@ -28,6 +28,7 @@ runs code).
 from __future__ import annotations
 
 import ast
+import http.client
 import json
 import math
 import operator
@@ -303,6 +304,8 @@ class SearchR1Client:
         except (urllib.error.URLError, TimeoutError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise RuntimeError(f"retrieval server {self.url} unreachable or too slow ({reason})") from None
+        except http.client.HTTPException as error:  # something listens there, but its answer is no HTTP
+            raise RuntimeError(f"retrieval server {self.url} does not speak HTTP ({type(error).__name__})") from None
         except ValueError:
             raise RuntimeError(f"retrieval server {self.url} answered something that is not JSON") from None
         return self._passages(payload)

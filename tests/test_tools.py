@@ -3,6 +3,7 @@ safety, BM25 over the real corpus, and the Search-R1 client against a loopback s
 
 import doctest
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import eval as evaluation
 import tools
+from cli import UsageError
 from tools import (SearchR1Client, calculate, calculator_tool, execute, find_tool_calls,
                    parse_tool_call, search_tool)
 
@@ -283,6 +286,34 @@ def test_search_r1_unreachable_server():
     observation, failed = execute(parse_tool_call('{"name": "search", "arguments": {"query": "x"}}', registry),
                                   registry)
     assert "unreachable or too slow" in observation and failed
+
+
+def test_a_retrieval_url_that_does_not_speak_http_is_a_clear_error_at_the_start():
+    """A port where something else listens (it answers bytes that are no HTTP status line): the check at the start
+    names --retriever, and during a run the call fails as an observation, like any unreachable server."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer_garbage():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(RuntimeError, match="does not speak HTTP"):
+            SearchR1Client(url, timeout=2)("x", 1)
+        with pytest.raises(UsageError, match=f"--retriever '{url}'"):
+            evaluation.search_backend(url, "", "")
+    finally:
+        listener.close()
 
 
 def test_an_observation_is_text_any_tokenizer_takes():
