@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,9 @@ def _jsonl_rows(path: str | os.PathLike):
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg}: column {error.colno}{hint})") from None
             except RecursionError:
                 raise DataError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+            except ValueError:  # not a JSONDecodeError: Python's cap on the digits of an int it reads from text
+                raise DataError(f"{path}:{number}: not valid JSON (an integer of over {sys.get_int_max_str_digits()} "
+                                f"digits, more than Python reads)") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             yield number, row

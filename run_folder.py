@@ -6,6 +6,7 @@
         samples.jsonl               a few trajectories per step, for reading what the agent wrote
         training_curves.png         redrawn at every checkpoint, or by `python train.py --plot-only runs/default`
         tensorboard/                when tensorboard is installed
+        wandb_id                    with --wandb: the wandb run a resumed run goes on in
         judge_cache.jsonl           the judge's verdicts, for long-form tasks
         checkpoints/latest          the name of the newest whole checkpoint
         checkpoints/step-000008/    a save_pretrained folder (transformers and vLLM load it as it is), plus
@@ -20,11 +21,13 @@ says what goes into trainer_state.json and optimizer.pt and puts it back on resu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -59,6 +62,13 @@ def checkpoint_to_resume(args) -> Path | None:
     if checkpoint is None and (output / "metrics.jsonl").exists():
         print(f"note: {output} holds a run that stopped before its first checkpoint; this run starts again from "
               f"step 0 in it and replaces its logs")
+    own_folder = checkpoint is not None and checkpoint.parent.name == "checkpoints" and \
+        checkpoint.parent.parent.resolve() == output.resolve()
+    if checkpoint is not None and not own_folder and (newest_checkpoint(output) is not None
+                                                      or (output / "metrics.jsonl").exists()):
+        raise UsageError(f"--output-dir {output} holds another run: resuming {checkpoint} there would write over "
+                         f"its logs and checkpoints; choose an empty --output-dir, or --resume {output} to go on "
+                         f"with that run")
     if checkpoint is not None and args.credit == "istar" and not (checkpoint / "prm").exists():
         raise UsageError(f"--resume {checkpoint}: trained with --credit outcome, it has no implicit PRM to resume "
                          f"with --credit istar")
@@ -79,7 +89,8 @@ def save(run, state) -> Path:
                 "generator": state.generator.get_state(),
                 "prm_optimizer": run.prm.state_dict() if run.prm else None}, tmp / "optimizer.pt")
     trainer_state = {"step": state.step, "stream": state.stream.state_dict(), "buffer": state.buffer.state_dict(),
-                     "rng": state.rng.bit_generator.state, "args": saved_args(run.args)}
+                     "rng": state.rng.bit_generator.state, "args": saved_args(run.args),
+                     "data": data_fingerprint(state.stream.examples)}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     if run.prm:  # a loadable model folder of its own
         run.prm.model.save_pretrained(tmp / "prm")
@@ -99,6 +110,12 @@ def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
     """Load a checkpoint's optimizer, RNG, data position and value buffer into a fresh run's state. Flags given on
     the command line win over saved settings: the learning rate, weight decay and buffer smoothing come from args."""
     saved = read_json(checkpoint / "trainer_state.json")
+    found = data_fingerprint(state.stream.examples)
+    if saved.get("data", found) != found:  # checkpoints from before the fingerprint was saved are not checked
+        raise UsageError(f"--task {args.task}: not the training data {checkpoint} was trained on "
+                         f"({saved['data']['questions']} questions then, {found['questions']} now, or the same count "
+                         f"with other questions or order); its data position and value buffer refer to that data, "
+                         f"so resume with it")
     tensors = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(tensors["optimizer"])
     for group in optimizer.param_groups:
@@ -115,6 +132,24 @@ def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
     state.stream = PromptStream(state.stream.examples, state.stream.seed, **saved["stream"])
     state.buffer = ValueBuffer.from_state_dict(saved["buffer"] | {"ema_alpha": args.value_ema})
     state.rng.bit_generator.state = saved["rng"]
+
+
+def data_fingerprint(examples) -> dict:
+    """What a checkpoint remembers of its training data: how many questions, and a hash of their ids, questions and
+    answers in order. The data position and the value buffer's keys mean something only for that data."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.id, example.question, list(example.answers), example.reference]).encode())
+    return {"questions": len(examples), "sha256": digest.hexdigest()}
+
+
+def go_back(output: Path, step: int) -> None:
+    """A run resumed in its own folder from a checkpoint older than the newest goes on from that checkpoint: `latest`
+    names it from the start, so that a kill before the next save resumes it again, not the steps it went back from.
+    (Logger drops those steps' log rows; their checkpoints stay until the run saves those steps again.)"""
+    root, name = output / "checkpoints", f"step-{step:06d}"
+    if (root / name / "trainer_state.json").exists() and newest_checkpoint(output) != root / name:
+        _write_atomically(root / "latest", name)
 
 
 def _open_to_umask(folder: Path) -> None:
@@ -204,13 +239,24 @@ class Logger:
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
+            # events after the start step (a killed run's, or a stopped run's before its first checkpoint) are
+            # dropped, as the rows of metrics.jsonl are, so that no step is drawn twice
+            self.tensorboard = SummaryWriter(str(folder / "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else 0)
         if args.wandb:
             try:
                 import wandb
             except ImportError:
                 raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project="agentic-rl", config=saved_args(args), dir=str(folder))
+            # one wandb run per output folder: a resumed run goes on in the run it started (its id kept in the folder)
+            id_file = folder / "wandb_id"
+            if start_step and id_file.exists():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:12]
+                _write_atomically(id_file, run_id)
+            self.wandb = wandb.init(project="agentic-rl", config=saved_args(args), dir=str(folder), id=run_id,
+                                    resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:

@@ -49,7 +49,7 @@ class EvalArgs(AgentArgs):
     limit: int = arg(0, "evaluate only the first N questions of each task (0: all)", low=0)
     batch_size: int = arg(32, "trajectories generated together", low=1)
     temperature: float = arg(0.0, "0: greedy decoding (the default); > 0 samples", low=0)
-    seed: int = arg(0, "random seed (matters only when sampling)", low=0)
+    seed: int = arg(0, "random seed (matters only when sampling)", low=0, high=2**32 - 1)
     output: str = arg("runs/eval", "folder for the trajectories (one <task>.jsonl each) and metrics.json")
 
 
@@ -98,7 +98,7 @@ class TrainArgs(AgentArgs):
     istar_alpha: float = arg(1.0, "iStar: weight of the step advantages (the paper: 1)", low=0)
     gradient_checkpointing: str = arg("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))
     # bookkeeping
-    seed: int = arg(0, "random seed: data order, sampling, replacement", low=0)
+    seed: int = arg(0, "random seed: data order, sampling, replacement", low=0, high=2**32 - 1)
     output_dir: str = arg("runs/default", "folder for metrics.jsonl, samples.jsonl, the curves PNG and "
                                           "checkpoints/; a new run needs a folder without an earlier run in it")
     eval_every: int = arg(0, "evaluate every N steps (0: only before and after training)", low=0)

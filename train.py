@@ -388,6 +388,7 @@ def train(args: TrainArgs) -> dict:
     run, state = setup(args)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    run_folder.go_back(output, state.step)
     logger = run_folder.Logger(output, args, state.step)
     (output / "args.json").write_text(json.dumps(run_folder.saved_args(args), indent=1))
     timer = run_folder.PhaseTimer()

@@ -95,6 +95,7 @@ def test_search_r1_corpus_loads(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q"', ":2: not valid JSON"),
+    ('{"question": "q", "golden_answers": [' + "9" * 5000 + "]}", ":2: not valid JSON (an integer of over 4300 digits"),
     ('["q", ["a"]]', ":2: expected a JSON object, got list"),
     ('{"golden_answers": ["a"]}', ":2: missing field 'question'"),
     ('{"question": "q"}', ":2: missing field 'golden_answers'"),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
     trained = [row for row in metrics[1:] if "istar_dpo_loss" in row]
     assert trained and all("kl_ref" not in row for row in trained)  # iStar runs without a reference model
     for row in metrics[1:]:  # dead groups stay in the batch: their steps still get step advantages
-        assert row["trained_on"] == (2 + row["extra_rollouts_per_prompt"]) * 4 - row["unscored"]
+        # 2 prompts x G = 4, plus the replacement rollouts (extra_rollouts_per_prompt counts trajectories per prompt)
+        assert row["trained_on"] == 2 * 4 + row["extra_rollouts_per_prompt"] * 2 - row["unscored"]
     prm = tmp_path / "checkpoints" / "step-000002" / "prm"
     assert (prm / "model.safetensors").exists()
     train.main(["--resume", str(tmp_path), "--steps", "3"])  # the PRM and its optimizer come back
@@ -411,7 +413,8 @@ def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
     ("--clip-eps-low", "5", "--clip-eps-low 5.0: must be in [0, 1)"),
     ("--group-size", "1", "--group-size 1: must be at least 2"),
     ("--top-p", "1.5", "--top-p 1.5: must be in (0, 1]"),
-    ("--seed", "-1", "--seed -1: must be at least 0"),
+    ("--seed", "-1", f"--seed -1: must be in [0, {2**32 - 1}]"),
+    ("--seed", str(2**32), f"--seed {2**32}: must be in [0, {2**32 - 1}]"),  # numpy's seeds end there
 ])
 def test_every_number_is_checked_against_its_range_naming_its_flag(flag, value, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -423,6 +426,9 @@ def test_eval_numbers_are_checked_too(capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["--temperature", "nan"])
     assert "--temperature nan: must be a finite number at least 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluation.main(["--seed", str(2**32)])
+    assert f"--seed {2**32}: must be in [0, {2**32 - 1}]" in capsys.readouterr().err
 
 
 def test_help_shows_ranges_and_no_empty_choice():
@@ -482,6 +488,84 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again_in_its_folder
     assert [row["step"] for row in rows(run)] == [0, 1, 2]
     assert_same_steps(rows(vspo_run), rows(run), [0, 1, 2])  # the same run again, its logs not doubled
     assert (run / "samples.jsonl").read_text() == (vspo_run / "samples.jsonl").read_text()
+
+
+def test_going_back_to_an_earlier_checkpoint_moves_latest_there_at_once(tiny_agent, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train.main(small(tiny_agent, run, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "2"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the new branch's step 2 is logged, then the process dies before its save
+
+    monkeypatch.setattr(run_folder, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--resume", str(run / "checkpoints" / "step-000001"), "--lr", "5e-4", "--steps", "3"])
+    monkeypatch.undo()
+    # `latest` names the checkpoint the branch started from, not the old step 2 whose log row was dropped
+    assert run_folder.find_checkpoint(str(run)).name == "step-000001"
+    assert [row["step"] for row in rows(run)] == [0, 1, 2]
+    train.main(["--resume", str(run), "--steps", "3"])
+    assert [row["step"] for row in rows(run)] == [0, 1, 2, 3]
+    assert run_folder.find_checkpoint(str(run)).name == "step-000003"
+
+
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(vspo_run, tmp_path):
+    other, source = copy_run(vspo_run, tmp_path / "other"), copy_run(vspo_run, tmp_path / "source")
+    before = (other / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=f"--output-dir {other} holds another run"):
+        train.main(["--resume", str(source), "--output-dir", str(other), "--steps", "3"])
+    assert (other / "metrics.jsonl").read_text() == before
+    assert (other / "checkpoints" / "latest").read_text() == "step-000002"
+
+
+def test_resuming_with_other_training_data_is_refused_naming_the_task(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]}\n')
+    with pytest.raises(SystemExit, match=f"--task {questions}: not the training data"):
+        train.main(["--resume", str(run), "--task", str(questions), "--steps", "3"])
+    assert [row["step"] for row in rows(run)] == [0, 1, 2]
+
+
+class FakeWandb(types.ModuleType):
+    """The wandb package at its network boundary: records what a run asks of it."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits, self.logged = [], []
+
+    def init(self, **options):
+        self.inits.append(options)
+        return types.SimpleNamespace(log=lambda metrics, step: self.logged.append(step), finish=lambda: None)
+
+
+class FakeSummaryWriter:
+    made = []
+
+    def __init__(self, log_dir, purge_step=None):
+        FakeSummaryWriter.made.append(purge_step)
+
+    def add_scalar(self, name, value, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_resumed_run_goes_on_in_its_wandb_run_and_tensorboard_drops_the_steps_it_redoes(vspo_run, tiny_agent,
+                                                                                          tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    FakeSummaryWriter.made.clear()
+    run = copy_run(vspo_run, tmp_path / "run")
+    train.main(["--resume", str(run), "--steps", "3", "--wandb"])
+    train.main(["--resume", str(run / "checkpoints" / "step-000002"), "--steps", "3", "--wandb"])  # step 3 again
+    assert [options["id"] for options in fake.inits] == [(run / "wandb_id").read_text()] * 2
+    assert all(options["resume"] == "allow" for options in fake.inits) and set(fake.logged) == {3}
+    assert FakeSummaryWriter.made == [3, 3]  # events from step 3 on are dropped: no step drawn twice
+    train.main(small(tiny_agent, tmp_path / "new", "--steps", "1", "--wandb", "--eval-size", "0"))
+    assert fake.inits[-1]["id"] != fake.inits[0]["id"] and FakeSummaryWriter.made[-1] == 0
 
 
 def test_a_checkpoint_renamed_into_place_is_found_without_latest(vspo_run, tmp_path):
