@@ -69,15 +69,23 @@ def rollout_config(args: settings.AgentArgs, **settings) -> rollout.RolloutConfi
                                  max_total_tokens=args.max_total_tokens, few_shot=args.few_shot, **settings)
 
 
-def build_judge(args: settings.AgentArgs, cache_path: str | None = None) -> judge_lib.Judge | None:
-    """The long-form judge, or None when no judge model is configured."""
+def build_judge(args: settings.AgentArgs, cache_path: str | None = None, check: bool = False
+                ) -> judge_lib.Judge | None:
+    """The long-form judge, or None when no judge model is configured. With `check` (the run has long-form answers to
+    score) the judge is asked a probe question first, so that an endpoint that cannot judge stops the run now."""
     if not (args.judge_model or os.environ.get("JUDGE_MODEL")):
         return None
     try:
-        return judge_lib.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
-                               api_key=args.judge_api_key or None, cache_path=cache_path)
+        judge = judge_lib.Judge(model=args.judge_model or None, base_url=args.judge_base_url or None,
+                                api_key=args.judge_api_key or None, cache_path=cache_path)
+        if check:
+            judge.check()
     except ValueError as error:  # no API key
         raise UsageError(str(error)) from None
+    except judge_lib.JudgeUnavailable as error:
+        raise UsageError(f"{error}; check --judge-base-url, --judge-model and the API key (or OPENAI_BASE_URL, "
+                         f"JUDGE_MODEL and OPENAI_API_KEY)") from None
+    return judge
 
 
 def device_and_dtype(args: settings.AgentArgs) -> tuple[torch.device, torch.dtype]:
@@ -235,9 +243,9 @@ def main(argv=None) -> None:
         require(not written, "output", args.output, f"would replace files already there ({', '.join(written)}: an "
                                                     f"earlier evaluation, or a task file); choose another --output")
         tasks = {name: data.load_task(task, args.split, args.cache_dir or None) for name, task in zip(names, args.task)}
+        judge = build_judge(args, cache_path=None, check=any(e.reference for task in tasks.values() for e in task))
         model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
         tools = build_tools(args)
-        judge = build_judge(args, cache_path=None)
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     output = Path(args.output)

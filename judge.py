@@ -14,7 +14,9 @@ How a call is made (`Judge`): temperature 0; a per-request timeout; retries with
 connection errors, 429 and 5xx; a batch judged concurrently by a thread pool; verdicts cached by a hash of (model,
 rubric, question, reference, answer), in memory and in a jsonl file that a resumed run reads back. A call that still
 fails, or a reply without a usable verdict, leaves the answer **unscored** (None): the caller leaves it out of the
-update and counts it; it is never silently scored 0. The API key is never logged, shown or written to disk.
+update and counts it; it is never silently scored 0. Before a run relies on the judge, `Judge.check` asks it one probe
+question and raises JudgeUnavailable when no usable verdict comes back (a wrong URL, key or model fails at once, not
+as a run of unscored samples). The API key is never logged, shown or written to disk.
 
 This file needs only the `openai` package (imported when a Judge is made). prs.py's long-form rewards take any object
 with `score_batch(items) -> list[float | None]`, so a test double or another judge fits in its place.
@@ -63,6 +65,14 @@ def judge_messages(question: str, reference: str, answer: str, rubric: str = JUD
                f"Reference answer:\n<reference>\n{reference}\n</reference>\n\n"
                f"Answer to grade:\n<graded_answer>\n{answer}\n</graded_answer>")
     return [{"role": "system", "content": rubric}, {"role": "user", "content": content}]
+
+
+# Asked once by Judge.check before a run relies on the judge: any judge worth using gives it a verdict.
+PROBE = ("What is the capital of France?", "Paris is the capital of France.", "Paris")
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge could not be reached, refused the request, or gave no usable verdict to Judge.check's probe."""
 
 
 MAX_VERDICT_CHARS = 20_000  # a verdict is one short JSON object; the rest of a longer reply is not read
@@ -133,6 +143,7 @@ class Judge:
         judge = Judge(model="Qwen/Qwen2.5-7B-Instruct", base_url="http://localhost:8000/v1", api_key="EMPTY")
         judge.score("Who wrote Hamlet?", "William Shakespeare.", "Shakespeare")   # a reply {"score": 9} -> 0.9
         judge.score_batch([(question, reference, answer), ...])                  # [0.9, None, ...] in input order
+        judge.check()  # raises JudgeUnavailable, naming the endpoint and the error, if no verdict comes back
         judge.stats    # {"requests": 3, "cache_hits": 0, "scored": 2, "failures": 0, "unparseable": 1}
     """
 
@@ -188,8 +199,20 @@ class Judge:
         content = json.dumps([self.model, self.rubric, question, reference, answer], ensure_ascii=False)
         return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()  # any text a model writes
 
+    def check(self) -> None:
+        """Ask the judge one plain question before a run relies on it, and raise JudgeUnavailable (naming the
+        endpoint, the model and what went wrong) when no usable verdict comes back: a wrong URL, key or model name
+        would otherwise show only as every sample of the run unscored. The probe is neither cached nor counted."""
+        where = f"the judge {self.model!r} at {self._client.base_url}"
+        reply, error = self._request(judge_messages(*PROBE, self.rubric), count=False)
+        if reply is None:
+            raise JudgeUnavailable(f"{where} gave no reply to a probe question: {error}")
+        if parse_verdict(reply, self.scale) is None:
+            raise JudgeUnavailable(f"{where} answered a probe question without a usable verdict (a JSON object with "
+                                   f"an integer score 0-{self.scale:g}): {self._redact(reply)[:200]!r}")
+
     def _judge(self, key: str, item: tuple[str, str, str]) -> float | None:
-        reply = self._request(judge_messages(*item, self.rubric))
+        reply, _ = self._request(judge_messages(*item, self.rubric))
         if reply is None:
             self._count("failures")
             return None
@@ -205,15 +228,16 @@ class Judge:
         self._remember(key, *verdict)
         return verdict[0]
 
-    def _request(self, messages: list[dict]) -> str | None:
-        """The reply's text, or None after the last failed attempt."""
+    def _request(self, messages: list[dict], count: bool = True) -> tuple[str | None, str]:
+        """The reply's text, or None after the last failed attempt; and the last error, redacted ("" if none)."""
         openai, error = self._openai, None
         retryable = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
                      openai.InternalServerError)
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            self._count("requests")
+            if count:
+                self._count("requests")
             try:
                 completion = self._client.chat.completions.create(
                     model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
@@ -230,10 +254,11 @@ class Judge:
                 content = completion.choices[0].message.content
             except (AttributeError, IndexError, KeyError, TypeError):  # the client keeps a `choices` that is no list
                 content = None
-            return content if isinstance(content, str) else ""  # no text in a 200: no verdict to parse
-        log.warning("judge request failed after %d attempt(s); the sample is unscored: %s",
-                    attempt + 1, self._redact(f"{type(error).__name__}: {error}"))
-        return None
+            return (content if isinstance(content, str) else ""), ""  # no text in a 200: no verdict to parse
+        error = self._redact(f"{type(error).__name__}: {error}")
+        if count:
+            log.warning("judge request failed after %d attempt(s); the sample is unscored: %s", attempt + 1, error)
+        return None, error
 
     def _redact(self, text: str) -> str:
         return text.replace(self._client.api_key, "***") if self._client.api_key else text

@@ -13,8 +13,8 @@
                                     trainer_state.json (step, data position, value buffer, settings: JSON),
                                     optimizer.pt (optimizer and RNG states: tensors), and prm/ for iStar
 
-Checkpoints are written atomically: into a temporary folder that is renamed into place, after which `latest` is
-switched, so a kill at any moment leaves `latest` on a whole checkpoint. Nothing here knows the algorithm: train.py
+Checkpoints are written atomically: into a temporary folder that is flushed to disk and renamed into place, after
+which `latest` is switched, so a kill (or a power cut) at any moment leaves `latest` on a whole checkpoint. Nothing here knows the algorithm: train.py
 says what goes into trainer_state.json and optimizer.pt and puts it back on resume.
 """
 
@@ -96,9 +96,11 @@ def save(run, state) -> Path:
         run.prm.model.save_pretrained(tmp / "prm")
         run.tokenizer.save_pretrained(tmp / "prm")
     _open_to_umask(tmp)  # mkdtemp makes the folder private, safetensors the weights: let a teammate's server read them
+    _sync(tmp)  # on disk before the rename makes it whole: a power cut after it loses no file the name promises
     if final.exists():  # a checkpoint of this step from a run that went back: set it aside first, atomically
         os.replace(final, tmp.with_name(tmp.name + "-replaced"))
     os.replace(tmp, final)
+    _sync_folder(root)
     _write_atomically(root / "latest", final.name)
     older = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit() and _step_of(p) < state.step), key=_step_of)
     for stale in older[:max(0, len(older) - (run.args.keep_checkpoints - 1))] + list(root.glob(".tmp-*")):
@@ -163,14 +165,36 @@ def _open_to_umask(folder: Path) -> None:
             os.chmod(os.path.join(parent, name), 0o666 & ~umask)
 
 
+def _sync(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to the disk (a rename alone is atomic against a
+    kill, not against a power cut: the new name can reach the disk before the file's data)."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(parent, name), "rb") as file:
+                os.fsync(file.fileno())
+        _sync_folder(Path(parent))
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+    _sync_folder(path.parent)
 
 
 def find_checkpoint(resume: str) -> Path:

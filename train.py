@@ -331,6 +331,11 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
     train_examples = data.load_task(args.task, "train", cache)
     eval_task = args.eval_task or (args.task if args.task in data.TASKS else "")
     eval_examples = data.load_task(eval_task, "test", cache)[:args.eval_size] if eval_task else []
+    long_form = any(e.reference for e in train_examples[:1] + eval_examples[:1])  # scored by the judge, asked first
+    judge = evaluation.build_judge(args, cache_path=str(Path(args.output_dir) / "judge_cache.jsonl"), check=long_form)
+    if judge is None and long_form:
+        raise UsageError(f"--task {args.task}: long-form, its rewards need a judge; set --judge-model and "
+                         f"--judge-base-url (or JUDGE_MODEL and OPENAI_BASE_URL)")
     # fp32 master weights; the forward passes run under bf16 autocast where --dtype says so (AdamW updates at lr
     # ~1e-6 vanish in bf16 weights).
     policy, tokenizer = models.load_model(str(checkpoint) if checkpoint else args.model, device=device,
@@ -359,10 +364,6 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
         require(state.step < args.steps, "steps", args.steps,
                 f"the checkpoint is already at step {state.step}: pass --steps above it to train further")
     tools = evaluation.build_tools(args)
-    judge = evaluation.build_judge(args, cache_path=str(Path(args.output_dir) / "judge_cache.jsonl"))
-    if judge is None and any(e.reference for e in train_examples[:1] + eval_examples[:1]):
-        raise UsageError(f"--task {args.task}: long-form, its rewards need a judge; set --judge-model and "
-                         f"--judge-base-url (or JUDGE_MODEL and OPENAI_BASE_URL)")
     config = evaluation.rollout_config(args, group_size=args.group_size, temperature=args.temperature,
                                        top_p=args.top_p)
     run = Run(args, algorithm_of(args), policy, tokenizer, reference, prm, optimizer, tools, judge,

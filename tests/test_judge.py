@@ -216,6 +216,39 @@ def test_judge_disk_cache_survives_a_new_judge_and_holds_no_key(chat_server, tmp
     assert other_model.score("Q?", "R.", "s7") == 0.7 and len(server.requests) == 4  # the model is in the key
 
 
+def test_check_passes_on_a_judge_that_gives_verdicts_and_leaves_no_trace(chat_server, tmp_path):
+    server = chat_server(lambda request: (200, verdict(2)))  # any usable verdict: the probe tests the endpoint
+    judge = make_judge(server, cache_path=str(tmp_path / "cache.jsonl"))
+    judge.check()
+    assert len(server.requests) == 1 and judge_lib.PROBE[0] in server.prompts()[0]
+    assert judge.stats["requests"] == 0 and not (tmp_path / "cache.jsonl").exists()  # neither counted nor cached
+
+
+@pytest.mark.parametrize("reply, said", [
+    (lambda request: (401, "invalid api key"), "AuthenticationError"),
+    (lambda request: (404, "model judge-model does not exist"), "does not exist"),
+    (lambda request: (503, "loading"), "InternalServerError"),
+    (lambda request: (200, "Sure! Paris is right."), "without a usable verdict"),
+])
+def test_check_stops_a_judge_that_cannot_judge_naming_the_endpoint_and_the_error(chat_server, reply, said):
+    server = chat_server(reply)
+    judge = make_judge(server, max_retries=1)
+    with pytest.raises(judge_lib.JudgeUnavailable, match=said) as raised:
+        judge.check()
+    assert server.url in str(raised.value) and "judge-model" in str(raised.value)
+    assert API_KEY not in str(raised.value)
+
+
+def test_check_names_an_endpoint_nobody_listens_on(chat_server):
+    server = chat_server(lambda request: (200, verdict(9)))
+    url = server.url
+    server.close()  # the port is free again: the connection is refused
+    judge = Judge(model="judge-model", base_url=url, api_key=API_KEY, timeout_s=2.0, max_retries=1, backoff_s=0.01)
+    with pytest.raises(judge_lib.JudgeUnavailable, match="APIConnectionError") as raised:
+        judge.check()
+    assert url in str(raised.value)
+
+
 def test_judge_reads_settings_from_the_environment(chat_server, monkeypatch):
     server = chat_server(lambda request: (200, verdict(5)))
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)

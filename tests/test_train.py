@@ -5,6 +5,7 @@ each time); the command-line tests run real subprocesses."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -202,6 +203,28 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(vspo_ru
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_checkpoint_is_on_disk_before_its_name_is(vspo_run, tmp_path, monkeypatch):
+    # A rename is atomic against a kill, not against a power cut: each file's data, then the folder, must be flushed
+    # before the name that promises them (the checkpoint's folder, then `latest`) is switched.
+    run = copy_run(vspo_run, tmp_path / "run")
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
+    train.main(["--resume", str(run), "--steps", "3"])
+    monkeypatch.undo()
+    root = run / "checkpoints"
+    renamed = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "step-000003"))
+    tmp = Path(events[renamed][1])
+    synced = {e[1] for e in events[:renamed] if e[0] == "fsync"}
+    written = {str(tmp / p.relative_to(root / "step-000003")) for p in (root / "step-000003").rglob("*")}
+    assert written and written | {str(tmp)} <= synced, sorted(written - synced)
+    switched = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "latest"))
+    assert ("fsync", str(root)) in events[renamed:switched]  # the new name itself, before `latest` names it
+    assert ("fsync", str(root / ".latest.tmp")) in events[renamed:switched]
+    assert ("fsync", str(root)) in events[switched:]
+
+
 def test_sigkill_at_any_moment_leaves_a_loadable_latest_checkpoint(tiny_agent, tmp_path):
     command = [sys.executable, "train.py", *small(tiny_agent, tmp_path, "--steps", "50", "--save-every", "1",
                                                   "--eval-size", "0")]
@@ -289,6 +312,18 @@ def test_long_form_training_with_a_judge_counts_unscored_samples(tiny_agent, tmp
     assert sum(row["unscored"] for row in metrics[1:]) > 0  # every 2nd verdict is garbage: counted, not scored 0
     for written in [tmp_path / "args.json", *tmp_path.rglob("trainer_state.json"), *tmp_path.rglob("*.jsonl")]:
         assert "sk-secret-key" not in written.read_text(), written
+
+
+def test_a_judge_that_cannot_be_reached_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.server_close()  # nobody listens there now
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with pytest.raises(SystemExit, match=f"the judge 'judge' at {re.escape(url)}.*check --judge-base-url"):
+        train.main(["--model", models.TINY, "--task", "wiki-long", "--judge-model", "judge", "--judge-base-url", url,
+                    "--output-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # stopped in setup: no log, no rollout
 
 
 def test_long_form_without_a_judge_is_a_clear_error(tmp_path, monkeypatch):
