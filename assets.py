@@ -54,7 +54,11 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The cache root: `override` if given, else $AGENTIC_RL_CACHE, else ~/.cache/agentic-rl (created if missing)."""
     root = override or os.environ.get("AGENTIC_RL_CACHE") or Path.home() / ".cache" / "agentic-rl"
     path = Path(root).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, or a folder it may not write in
+        where = "--cache-dir" if override else "$AGENTIC_RL_CACHE" if os.environ.get("AGENTIC_RL_CACHE") else "cache"
+        raise AssetError(f"{where} {path}: cannot be used as the cache folder ({error.strerror or error})") from None
     return path
 
 

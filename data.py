@@ -245,6 +245,12 @@ def read_questions_jsonl(path: str | os.PathLike) -> list[Example]:
         answers = _field(row, "golden_answers", path, number, list)
         if not question:
             raise DataError(f"{path}:{number}: field 'question' is empty")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as error:  # "\ud83d" in the JSON: half of a UTF-16 pair, which no tokenizer reads
+            raise DataError(f"{path}:{number}: field 'question' holds a lone surrogate escape "
+                            f"({ascii(question[error.start])} at character {error.start + 1}), half of a UTF-16 pair; "
+                            f"write the whole character") from None
         if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
             raise DataError(f"{path}:{number}: field 'golden_answers' must be a non-empty list of strings")
         example_id = str(row.get("id", f"{Path(path).stem}:{number}"))

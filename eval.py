@@ -239,6 +239,8 @@ def main(argv=None) -> None:
         device, dtype = device_and_dtype(args)
         names = task_names(args.task)
         require(len(set(names)) == len(names), "task", args.task, "names a task twice")
+        require(not Path(args.output).exists() or Path(args.output).is_dir(), "output", args.output,
+                "a file, not a folder; choose a folder for the results")
         written = [path.name for path in result_files(Path(args.output), names) if path.exists()]
         require(not written, "output", args.output, f"would replace files already there ({', '.join(written)}: an "
                                                     f"earlier evaluation, or a task file); choose another --output")

@@ -122,7 +122,7 @@ def _as_number(value) -> float | None:
         return None
     try:
         number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of over 308 digits
         return None
     return number if math.isfinite(number) else None
 
@@ -283,12 +283,14 @@ class Judge:
             for line in file:
                 try:
                     entry = json.loads(line)
-                    score = entry["score"]
+                    key, score = entry["key"], entry["score"]
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a crash: that verdict is asked again
-                # a score only this class wrote: a number in [0, 1] (an edited file's NaN, 7 or "0.8" is asked again)
-                if isinstance(score, (int, float)) and not isinstance(score, bool) and 0.0 <= score <= 1.0:
-                    cache[entry["key"]] = float(score)
+                # what only this class wrote: a key string and a number in [0, 1] (an edited file's NaN, 7 or "0.8"
+                # is asked again)
+                if (isinstance(key, str) and isinstance(score, (int, float)) and not isinstance(score, bool)
+                        and 0.0 <= score <= 1.0):
+                    cache[key] = float(score)
         if not line.endswith("\n"):  # cut short by a kill: the next verdict starts a line of its own
             with open(self.cache_path, "a", encoding="utf-8") as file:
                 file.write("\n")

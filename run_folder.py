@@ -56,6 +56,8 @@ def checkpoint_to_resume(args) -> Path | None:
     logs, no checkpoint) has nothing to resume: a new run takes it, and says so."""
     checkpoint = find_checkpoint(args.resume) if args.resume else None
     output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output-dir {output}: a file, not a folder; choose a folder for the run")
     if checkpoint is None and newest_checkpoint(output) is not None:
         raise UsageError(f"--output-dir {output} holds an earlier run: continue it with --resume {output}, or "
                          f"choose another --output-dir")
@@ -64,11 +66,14 @@ def checkpoint_to_resume(args) -> Path | None:
               f"step 0 in it and replaces its logs")
     own_folder = checkpoint is not None and checkpoint.parent.name == "checkpoints" and \
         checkpoint.parent.parent.resolve() == output.resolve()
-    if checkpoint is not None and not own_folder and (newest_checkpoint(output) is not None
-                                                      or (output / "metrics.jsonl").exists()):
+    if checkpoint is not None and not own_folder and newest_checkpoint(output) is not None:
         raise UsageError(f"--output-dir {output} holds another run: resuming {checkpoint} there would write over "
                          f"its logs and checkpoints; choose an empty --output-dir, or --resume {output} to go on "
                          f"with that run")
+    if checkpoint is not None and not own_folder and (output / "metrics.jsonl").exists():
+        # e.g. this same branch, killed before its first checkpoint: started again, as a new run would be
+        print(f"note: {output} holds a run that stopped before its first checkpoint; this run (from {checkpoint}) "
+              f"replaces its logs")
     if checkpoint is not None and args.credit == "istar" and not (checkpoint / "prm").exists():
         raise UsageError(f"--resume {checkpoint}: trained with --credit outcome, it has no implicit PRM to resume "
                          f"with --credit istar")
@@ -206,10 +211,21 @@ def find_checkpoint(resume: str) -> Path:
     if checkpoint is not None:
         return checkpoint
     if (path / "metrics.jsonl").exists():
+        branched = _saved_resume(path)
+        again = (f"run the command that started it again (--resume {branched} --output-dir {resume}, and its other "
+                 f"flags: {path / 'args.json'})" if branched else
+                 "run it again without --resume (it starts from step 0 in the same folder)")
         raise UsageError(f"--resume {resume}: the run there stopped before its first checkpoint, so there is nothing "
-                         f"to resume; run it again without --resume (it starts from step 0 in the same folder)")
+                         f"to resume; {again}")
     raise UsageError(f"--resume {resume}: no checkpoint there (expected a checkpoint folder with "
                      f"trainer_state.json, or an output folder with checkpoints/)")
+
+
+def _saved_resume(output: Path) -> str:
+    """The --resume a run in `output` was started with ("" for a run from step 0, or when args.json is unreadable)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return str(json.loads((output / "args.json").read_text()).get("resume") or "")
+    return ""
 
 
 def newest_checkpoint(output: Path) -> Path | None:
@@ -255,9 +271,13 @@ class Logger:
     def __init__(self, folder: Path, args, start_step: int):
         self.folder = folder
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
-        for path in (self.metrics_path, self.samples_path):  # a resumed run rewrites what came after its checkpoint,
-            if path.exists():  # a new run (step 0) what a run that stopped before its first checkpoint wrote
-                rows = [row for row in read_jsonl(path) if row["step"] <= start_step] if start_step else []
+        # A run resumed from a checkpoint of this folder keeps the rows up to it and rewrites what came after; any
+        # other run (a new one, or one resumed from elsewhere) replaces what a run that stopped before its first
+        # checkpoint wrote here.
+        own = start_step and (folder / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").exists()
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                rows = [row for row in read_jsonl(path) if row["step"] <= start_step] if own else []
                 _write_atomically(path, "".join(jsonl_line(row) for row in rows))
         self.tensorboard = self.wandb = None
         with contextlib.suppress(ImportError):
@@ -390,9 +410,10 @@ def time_summary(folder: Path) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a jsonl log; a last line cut short by a kill is skipped."""
+    """The rows of a jsonl log; a last line cut short by a kill is skipped. Lines end at "\n" only: str.splitlines
+    would also break a row at U+2028, U+2029 or U+0085, which JSON leaves unescaped in a row's text."""
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         with contextlib.suppress(ValueError):
             rows.append(json.loads(line))
     return rows

@@ -320,8 +320,8 @@ class SearchR1Client:
                 title, _, text = str(contents).partition("\n")
                 passages.append(Passage(title.strip().strip('"'), text.strip(), score))
             return passages
-        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-            raise RuntimeError(f"retrieval server {self.url} answered JSON without a result list") from None
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError):
+            raise RuntimeError(f"retrieval server {self.url} answered JSON without a readable result list") from None
 
 
 def format_passages(passages: Sequence[Passage], passage_chars: int | None = None) -> str:

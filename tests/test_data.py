@@ -104,6 +104,7 @@ def test_search_r1_corpus_loads(tmp_path):
     ('{"question": "  ", "golden_answers": ["a"]}', ":2: field 'question' is empty"),
     ('{"question": "q", "golden_answers": []}', ":2: field 'golden_answers' must be a non-empty list"),
     ('{"question": "q", "golden_answers": [null]}', ":2: field 'golden_answers' must be a non-empty list"),
+    ('{"question": "Who sang \\ud83d?", "golden_answers": ["a"]}', ":2: field 'question' holds a lone surrogate"),
 ])
 def test_bad_question_rows_name_file_line_and_field(tmp_path, line, message):
     path = write_lines(tmp_path / "q.jsonl", [json.dumps({"question": "ok", "golden_answers": ["a"]}), line])

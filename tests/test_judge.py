@@ -139,7 +139,7 @@ def test_judge_parses_verdicts_robustly(chat_server, reply, expected):
 
 
 @pytest.mark.parametrize("reply", ["The answer is correct.", '{"score": 12}', '{"score": "high"}', '{"score": null}',
-                                   '{"reason": "no score"}', "", '{"score": true}'])
+                                   '{"reason": "no score"}', "", '{"score": true}', '{"score": 1%s}' % ("0" * 400)])
 def test_judge_garbage_is_unscored_and_counted_not_retried(chat_server, reply):
     server = chat_server(lambda request: (200, reply))
     judge = make_judge(server)
@@ -351,6 +351,14 @@ def test_a_cache_line_cut_short_by_a_kill_loses_no_later_verdict(chat_server, tm
     fresh = make_judge(server, cache_path=str(path))
     assert fresh.score("Q?", "R.", "s8") == 0.8
     assert fresh.stats["cache_hits"] == 1 and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("line", ['{"score": 0.8}', '{"key": ["a"], "score": 0.8}', '{"key": null, "score": 0.8}'])
+def test_a_cache_line_without_a_key_is_skipped(chat_server, tmp_path, line):
+    server = chat_server(score_in_answer)
+    path = tmp_path / "cache.jsonl"
+    path.write_text(line + "\n")
+    assert make_judge(server, cache_path=str(path)).score("Q?", "R.", "s6") == 0.6
 
 
 @pytest.mark.parametrize("score", ["NaN", '"nan"', "7", "-0.5", "true", '"0.8"', "null"])

@@ -228,6 +228,8 @@ class RetrievalHandler(BaseHTTPRequestHandler):
             body = b"<html>oops</html>"
         elif self.mode == "wrong-shape":
             body = json.dumps({"results": []}).encode()
+        elif self.mode == "huge-score":  # a score no float holds
+            body = ('{"result": [[{"document": {"contents": "T\\nx"}, "score": 1%s}]]}' % ("0" * 400)).encode()
         else:
             hits = [{"document": {"id": str(i), "contents": f'"Doc {i}"\nAbout {q}.'}, "score": 10.0 - i}
                     for q in payload["queries"] for i in range(payload["topk"])]
@@ -269,7 +271,8 @@ def test_search_r1_client_speaks_the_api(retrieval_server):
 @pytest.mark.parametrize("mode, message", [
     ("error", "answered HTTP 500"),
     ("garbage", "not JSON"),
-    ("wrong-shape", "without a result list"),
+    ("wrong-shape", "without a readable result list"),
+    ("huge-score", "without a readable result list"),
     ("slow", "unreachable or too slow"),
 ])
 def test_search_r1_failures_become_observations(retrieval_server, mode, message):

@@ -174,6 +174,18 @@ def test_resume_continues_exactly(tiny_agent, tmp_path):
     assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
 
 
+def test_a_resumed_run_keeps_every_sample_row_whatever_text_it_holds(tmp_path):
+    # JSON leaves U+2028, U+2029 and U+0085 unescaped; a reader splitting lines at them drops the row (a retrieved
+    # passage or a model's response can hold any of them).
+    texts = ["line\u2028separator", "paragraph\u2029separator", "next\x85line", "form\x0cfeed", "plain"]
+    rows = [{"step": 1 + i % 2, "response": text} for i, text in enumerate(texts)]
+    (tmp_path / "samples.jsonl").write_text("".join(evaluation.jsonl_line(row) for row in rows), encoding="utf-8")
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")  # resumed from its step 2
+    run_folder.Logger(tmp_path, types.SimpleNamespace(wandb=False), start_step=2).close()
+    assert run_folder.read_jsonl(tmp_path / "samples.jsonl") == rows
+
+
 def test_resume_from_an_output_folder_trains_further(vspo_run, tmp_path):
     run = copy_run(vspo_run, tmp_path / "run")
     train.main(["--resume", str(run), "--steps", "3"])
@@ -523,6 +535,48 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again_in_its_folder
     assert [row["step"] for row in rows(run)] == [0, 1, 2]
     assert_same_steps(rows(vspo_run), rows(run), [0, 1, 2])  # the same run again, its logs not doubled
     assert (run / "samples.jsonl").read_text() == (vspo_run / "samples.jsonl").read_text()
+
+
+def test_a_branch_killed_before_its_first_checkpoint_can_be_started_again(vspo_run, tmp_path, monkeypatch, capsys):
+    source, branch = copy_run(vspo_run, tmp_path / "source"), tmp_path / "branch"
+    command = ["--resume", str(source), "--output-dir", str(branch), "--steps", "3"]
+    monkeypatch.setattr(run_folder, "save", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # step 3 of the branch is logged, then the process dies before its save
+        train.main(command)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=f"run the command that started it again \\(--resume {re.escape(str(source))} "
+                                         f"--output-dir {re.escape(str(branch))}"):
+        train.main(["--resume", str(branch)])  # not "run it again without --resume": that would start from step 0
+    train.main(command)  # the same command: the branch starts again, in place of its cut-short logs
+    assert "stopped before its first checkpoint; this run (from" in capsys.readouterr().out
+    assert [row["step"] for row in rows(branch)] == [3]
+    assert run_folder.find_checkpoint(str(branch)).name == "step-000003"
+
+
+def test_a_run_from_elsewhere_keeps_no_row_of_a_run_cut_short_in_its_folder(vspo_run, tiny_agent, tmp_path):
+    source, other = copy_run(vspo_run, tmp_path / "source"), copy_run(vspo_run, tmp_path / "other")
+    shutil.rmtree(other / "checkpoints")  # another run, steps 0 to 2 logged, killed before its first checkpoint
+    train.main(["--resume", str(source), "--output-dir", str(other), "--steps", "3"])
+    assert [row["step"] for row in rows(other)] == [3]  # not that run's 0, 1, 2 under this one's 3
+    assert {row["step"] for row in run_folder.read_jsonl(other / "samples.jsonl")} == {3}
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir"])
+def test_a_folder_flag_that_names_a_file_is_a_clear_error(tmp_path, flag):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    flags = {"--output-dir": str(tmp_path / "run"), flag: str(file)}
+    with pytest.raises(SystemExit, match=f"{flag} {re.escape(str(file))}"):
+        train.main(["--model", models.TINY, *[x for pair in flags.items() for x in pair]])
+    assert file.read_text() == "mine"
+
+
+def test_eval_output_that_names_a_file_is_a_clear_error(tmp_path):
+    file = tmp_path / "results.txt"
+    file.write_text("mine")
+    with pytest.raises(SystemExit, match=f"--output '{re.escape(str(file))}': a file, not a folder"):
+        evaluation.main(["--model", models.TINY, "--output", str(file)])
+    assert file.read_text() == "mine"
 
 
 def test_going_back_to_an_earlier_checkpoint_moves_latest_there_at_once(tiny_agent, tmp_path, monkeypatch):
