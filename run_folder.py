@@ -58,22 +58,20 @@ def checkpoint_to_resume(args) -> Path | None:
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output-dir {output}: a file, not a folder; choose a folder for the run")
-    if checkpoint is None and newest_checkpoint(output) is not None:
-        raise UsageError(f"--output-dir {output} holds an earlier run: continue it with --resume {output}, or "
-                         f"choose another --output-dir")
-    if checkpoint is None and (output / "metrics.jsonl").exists():
-        print(f"note: {output} holds a run that stopped before its first checkpoint; this run starts again from "
-              f"step 0 in it and replaces its logs")
     own_folder = checkpoint is not None and checkpoint.parent.name == "checkpoints" and \
         checkpoint.parent.parent.resolve() == output.resolve()
-    if checkpoint is not None and not own_folder and newest_checkpoint(output) is not None:
+    earlier = newest_checkpoint(output)
+    if checkpoint is None and earlier is not None:
+        raise UsageError(f"--output-dir {output} holds an earlier run: continue it with --resume {output}, or "
+                         f"choose another --output-dir")
+    if checkpoint is not None and not own_folder and earlier is not None:
         raise UsageError(f"--output-dir {output} holds another run: resuming {checkpoint} there would write over "
                          f"its logs and checkpoints; choose an empty --output-dir, or --resume {output} to go on "
                          f"with that run")
-    if checkpoint is not None and not own_folder and (output / "metrics.jsonl").exists():
-        # e.g. this same branch, killed before its first checkpoint: started again, as a new run would be
-        print(f"note: {output} holds a run that stopped before its first checkpoint; this run (from {checkpoint}) "
-              f"replaces its logs")
+    if not own_folder and (output / "metrics.jsonl").exists():  # logs and no checkpoint: a run that was cut short
+        # (this same branch, killed before its first checkpoint, is started again as a new run would be)
+        this_run = f"this run (from {checkpoint})" if checkpoint else "this run starts again from step 0 in it and"
+        print(f"note: {output} holds a run that stopped before its first checkpoint; {this_run} replaces its logs")
     if checkpoint is not None and args.credit == "istar" and not (checkpoint / "prm").exists():
         raise UsageError(f"--resume {checkpoint}: trained with --credit outcome, it has no implicit PRM to resume "
                          f"with --credit istar")
