@@ -7,6 +7,7 @@
         training_curves.png         redrawn at every checkpoint, or by `python train.py --plot-only runs/default`
         tensorboard/                when tensorboard is installed
         wandb_id                    with --wandb: the wandb run a resumed run goes on in
+        run.pid                     the process training in the folder, while it does (see `exclusive`)
         judge_cache.jsonl           the judge's verdicts, for long-form tasks
         checkpoints/latest          the name of the newest whole checkpoint
         checkpoints/step-000008/    a save_pretrained folder (transformers and vLLM load it as it is), plus
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -34,6 +36,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX; where it is missing (Windows), runs are not locked
+except ImportError:
+    fcntl = None
 
 from cli import UsageError
 from data import PromptStream
@@ -50,14 +57,44 @@ def saved_args(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints and resume
 # ----------------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exclusive(output: Path):
+    """Hold the folder while a run trains in it. A second process started on the same --output-dir (a second
+    terminal, a grid launched twice) stops at once with an error naming the process that holds it, instead of both
+    writing one metrics.jsonl and one checkpoints/. The lock is an OS lock (flock) on the folder itself, which the OS
+    lets go when the process ends, however it ends (kill -9 included): no stale lock is ever left to clear by hand.
+    `run.pid` says who holds it, for that error; it is removed when the run ends (a killed run leaves it behind,
+    where it means nothing: the next run writes its own)."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output-dir {output}: a file, not a folder; choose a folder for the run")
+    output.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    folder = os.open(output, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (output / "run.pid").read_text().strip() if (output / "run.pid").exists() else ""
+            raise UsageError(f"--output-dir {output}: a run is training in it ({holder or 'another process'}); wait "
+                             f"for it to end, or choose another --output-dir") from None
+        (output / "run.pid").write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        try:
+            yield
+        finally:
+            (output / "run.pid").unlink(missing_ok=True)
+    finally:
+        os.close(folder)  # lets the lock go
+
+
 def checkpoint_to_resume(args) -> Path | None:
     """The checkpoint that --resume names (None for a new run), after checking that the run can start from it, and
     that a new run does not write over an earlier one. A folder whose run stopped before its first checkpoint (its
     logs, no checkpoint) has nothing to resume: a new run takes it, and says so."""
     checkpoint = find_checkpoint(args.resume) if args.resume else None
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output-dir {output}: a file, not a folder; choose a folder for the run")
+    output = Path(args.output_dir)  # a folder: train.main holds it (`exclusive`) before it calls this
     own_folder = checkpoint is not None and checkpoint.parent.name == "checkpoints" and \
         checkpoint.parent.parent.resolve() == output.resolve()
     earlier = newest_checkpoint(output)

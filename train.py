@@ -366,9 +366,12 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
     tools = evaluation.build_tools(args)
     config = evaluation.rollout_config(args, group_size=args.group_size, temperature=args.temperature,
                                        top_p=args.top_p)
+    eval_config = evaluation.rollout_config(args, group_size=1, temperature=0.0)
+    evaluation.check_prompts_fit(tokenizer, train_examples, tools, config, "training questions")
+    evaluation.check_prompts_fit(tokenizer, eval_examples, tools, eval_config, "evaluation questions")
     run = Run(args, algorithm_of(args), policy, tokenizer, reference, prm, optimizer, tools, judge,
-              {e.id: e for e in train_examples}, eval_examples, config,
-              evaluation.rollout_config(args, group_size=1, temperature=0.0), dtype if dtype != torch.float32 else None)
+              {e.id: e for e in train_examples}, eval_examples, config, eval_config,
+              dtype if dtype != torch.float32 else None)
     return run, state
 
 
@@ -454,7 +457,8 @@ def main(argv=None) -> None:
         if args.resume:
             args = run_folder.resumed_args(args, argv)
         check_fields(args)  # also the settings a resumed run read back
-        final = train(args)
+        with run_folder.exclusive(Path(args.output_dir)):  # one process at a time trains in a folder
+            final = train(args)
     except evaluation.USER_ERRORS as error:
         sys.exit(f"error: {error}")
     if final:

@@ -432,6 +432,22 @@ def test_an_earlier_run_is_never_overwritten_and_a_finished_one_says_so(vspo_run
     assert (vspo_run / "metrics.jsonl").read_text() == before
 
 
+def test_a_question_whose_prompt_leaves_no_room_to_answer_is_a_clear_error_naming_its_line(tiny_agent, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    rows_ = [{"question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]},
+             {"question": "Who painted it? " * 300, "golden_answers": ["x"]}]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows_))
+    rule = (f"{re.escape(str(questions))}:2: the prompt \\(instructions, question\\) is \\d+ tokens, so "
+            f"--max-total-tokens 900 leaves no room to answer \\(1 of the 2 ")
+    with pytest.raises(SystemExit, match=rule + "training questions"):  # before the first step, not a run of zeros
+        train.main(small(tiny_agent, tmp_path / "run", "--task", str(questions), "--eval-task", "wiki"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit, match=rule + "questions of task questions"):
+        evaluation.main(["--model", str(tiny_agent), "--task", str(questions), "--output", str(tmp_path / "out"),
+                         "--max-total-tokens", "900", "--no-few-shot"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "ok?", "golden_answers": ["a"]}) + "\n" + json.dumps({"question": "q"}))
@@ -559,6 +575,27 @@ def test_a_run_from_elsewhere_keeps_no_row_of_a_run_cut_short_in_its_folder(vspo
     train.main(["--resume", str(source), "--output-dir", str(other), "--steps", "3"])
     assert [row["step"] for row in rows(other)] == [3]  # not that run's 0, 1, 2 under this one's 3
     assert {row["step"] for row in run_folder.read_jsonl(other / "samples.jsonl")} == {3}
+
+
+def test_a_second_run_in_a_folder_a_run_is_training_in_stops_at_once_and_a_killed_run_leaves_no_lock(tiny_agent,
+                                                                                                      tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(  # another process holding the folder as a training run does, until it is killed
+        [sys.executable, "-c", "import pathlib, sys, time, run_folder\n"
+         "with run_folder.exclusive(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)",
+         str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"--output-dir {re.escape(str(run))}: a run is training in it "
+                                             f"\\(pid {holder.pid} on "):
+            train.main(small(tiny_agent, run, "--steps", "1"))
+        assert sorted(p.name for p in run.iterdir()) == ["run.pid"]  # nothing of the second run written
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    with run_folder.exclusive(run):  # the OS let the lock go with the process: nothing stale to clear
+        assert f"pid {os.getpid()} " in (run / "run.pid").read_text()
+    assert not (run / "run.pid").exists()
 
 
 @pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir"])
