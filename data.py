@@ -258,7 +258,7 @@ def read_questions_jsonl(path: str | os.PathLike) -> list[Example]:
             raise DataError(f"{path}:{number}: id {example_id!r} was already used on line {lines[example_id]}")
         lines[example_id] = number
         examples.append(Example(id=example_id, question=question, answers=tuple(str(a) for a in answers),
-                                source=Path(path).stem))
+                                source=Path(path).stem, meta={"location": f"{path}:{number}"}))
     if not examples:
         raise DataError(f"{path}: no questions in the file")
     return examples

@@ -69,6 +69,19 @@ def rollout_config(args: settings.AgentArgs, **settings) -> rollout.RolloutConfi
                                  max_total_tokens=args.max_total_tokens, few_shot=args.few_shot, **settings)
 
 
+def check_prompts_fit(tokenizer, examples, tools, config: rollout.RolloutConfig, what: str) -> None:
+    """A clear error, before any work, where a question's prompt leaves no room to answer within --max-total-tokens
+    (its trajectories would be scored as failures without the model writing a token)."""
+    over = rollout.prompts_without_room(tokenizer, examples, tools, config)
+    if over:
+        example, length = over[0]
+        where = example.meta.get("location") or f"question {example.id!r}"
+        raise UsageError(f"{where}: the prompt (instructions, {'worked example, ' if config.few_shot else ''}"
+                         f"question) is {length} tokens, so --max-total-tokens {config.max_total_tokens} leaves no "
+                         f"room to answer ({len(over)} of the {len(examples)} {what} are that long); "
+                         f"shorten them, or raise --max-total-tokens")
+
+
 def build_judge(args: settings.AgentArgs, cache_path: str | None = None, check: bool = False
                 ) -> judge_lib.Judge | None:
     """The long-form judge, or None when no judge model is configured. With `check` (the run has long-form answers to
@@ -248,11 +261,14 @@ def main(argv=None) -> None:
         judge = build_judge(args, cache_path=None, check=any(e.reference for task in tasks.values() for e in task))
         model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
         tools = build_tools(args)
+        config = rollout_config(args, group_size=1, temperature=args.temperature, batch_size=args.batch_size)
+        for name, examples in tasks.items():
+            check_prompts_fit(tokenizer, examples[:args.limit] if args.limit else examples, tools, config,
+                              f"questions of task {name}")
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    config = rollout_config(args, group_size=1, temperature=args.temperature, batch_size=args.batch_size)
     results, files = {}, result_files(output, names)
     for (name, examples), path in zip(tasks.items(), files):
         examples = examples[:args.limit] if args.limit else examples

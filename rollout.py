@@ -149,6 +149,24 @@ def prompt_ids(tokenizer, question: str, tools, config: RolloutConfig) -> list[i
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def prompts_without_room(tokenizer, examples: Sequence[Example], tools, config: RolloutConfig) -> list[tuple]:
+    """(example, prompt length) for every example whose prompt alone reaches config.max_total_tokens: its trajectories
+    would stop at once ("length") with nothing sampled, and score as failures that say nothing about the policy.
+
+    Exact, and cheap for a large dataset: a token holds at least one byte of text, so a prompt has at most as many
+    tokens as the prompt of an empty question plus the question's UTF-8 bytes (plus the few tokens where the question
+    meets the text around it: 32 is ample); only questions long enough to come near the limit are tokenized."""
+    base = len(prompt_ids(tokenizer, "", tools, config))
+    over = []
+    for example in examples:
+        if base + len(example.question.encode("utf-8")) + 32 < config.max_total_tokens:
+            continue
+        length = len(prompt_ids(tokenizer, example.question, tools, config))
+        if length >= config.max_total_tokens:
+            over.append((example, length))
+    return over
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One round of generation: a plain sampling loop over the active rows
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LogitsProcessor
 
 import data
@@ -184,6 +186,29 @@ def test_a_segment_stops_at_the_token_that_completes_the_stop_string(model, tok,
         assert t.stop_reason == "answer" and t.answer == "Nile" and len(t.steps) == 1
     else:
         assert t.tool_calls[0].call.ok and t.stop_reason == "answer" and len(t.steps) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(question=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=120), slack=st.integers(-3, 3),
+       few_shot=st.booleans())
+def test_prompts_without_room_are_exactly_those_whose_prompt_reaches_the_limit(tok, question, slack, few_shot):
+    examples = [Example("short", "What is the Nile?", ("Nile",)), Example("any", question, ("x",)),
+                Example("long", "Which river? " * 40 + question, ("x",))]
+    limit = len(rollout.prompt_ids(tok, examples[1].question, TOOLS, RolloutConfig(few_shot=few_shot))) + slack
+    config = RolloutConfig(max_total_tokens=max(1, limit), few_shot=few_shot)
+    lengths = {e.id: len(rollout.prompt_ids(tok, e.question, TOOLS, config)) for e in examples}
+    assert rollout.prompts_without_room(tok, examples, TOOLS, config) == \
+        [(e, lengths[e.id]) for e in examples if lengths[e.id] >= config.max_total_tokens]  # what the loop stops
+
+
+def test_a_prompt_that_fills_the_budget_samples_nothing(model, tok):  # why train.py and eval.py check it first
+    question = "Which river? " * 40
+    limit = len(rollout.prompt_ids(tok, question, TOOLS, RolloutConfig()))
+    (t,) = rollout.rollout(model, tok, [Example("long", question, ("x",))], TOOLS,
+                           RolloutConfig(group_size=1, temperature=0.0, max_total_tokens=limit))
+    assert t.stop_reason == "length" and t.response_ids == []
+    assert rollout.prompts_without_room(tok, [t.example], TOOLS, RolloutConfig(max_total_tokens=limit)) == [
+        (t.example, limit)]
 
 
 def test_a_tool_response_that_exactly_fills_the_budget_is_kept(model, tok):
