@@ -375,7 +375,8 @@ def plot(runs: dict, cells: list[str], path: Path, prompts_per_step: int) -> Pat
                     axes_x.append((axes[r][len(panels) + p], x_sampled, "trajectories sampled"))
                 for axis, x, label in axes_x:
                     axis.plot(x, mean, color=colour, label=f"{cell} (n={len(series)})")
-                    axis.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.15)
+                    axis.fill_between(x, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=colour,
+                                      alpha=0.15)  # every panel is a fraction
                     axis.set_title(title)
                     axis.set_xlabel(label)
                     axis.grid(alpha=0.3)
