@@ -58,15 +58,16 @@ def saved_args(args) -> dict:
 # Checkpoints and resume
 # ----------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def exclusive(output: Path):
+def exclusive(output: Path, flag: str = "--output-dir"):
     """Hold the folder while a run trains in it. A second process started on the same --output-dir (a second
     terminal, a grid launched twice) stops at once with an error naming the process that holds it, instead of both
     writing one metrics.jsonl and one checkpoints/. The lock is an OS lock (flock) on the folder itself, which the OS
     lets go when the process ends, however it ends (kill -9 included): no stale lock is ever left to clear by hand.
     `run.pid` says who holds it, for that error; it is removed when the run ends (a killed run leaves it behind,
-    where it means nothing: the next run writes its own)."""
+    where it means nothing: the next run writes its own). `flag` names the folder in errors (benchmarks/grid.py holds
+    its --runs folder the same way)."""
     if output.exists() and not output.is_dir():
-        raise UsageError(f"--output-dir {output}: a file, not a folder; choose a folder for the run")
+        raise UsageError(f"{flag} {output}: a file, not a folder; choose a folder for the run")
     output.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         yield
@@ -77,8 +78,8 @@ def exclusive(output: Path):
             fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = (output / "run.pid").read_text().strip() if (output / "run.pid").exists() else ""
-            raise UsageError(f"--output-dir {output}: a run is training in it ({holder or 'another process'}); wait "
-                             f"for it to end, or choose another --output-dir") from None
+            raise UsageError(f"{flag} {output}: in use by another run ({holder or 'another process'}); wait for it "
+                             f"to end, or choose another {flag}") from None
         (output / "run.pid").write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
                                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         try:

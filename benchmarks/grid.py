@@ -432,13 +432,16 @@ def main(argv=None) -> None:
     # eval.py must build the same agent as train.py: the agent flags of --extra go to it too
     args.extra_eval = agent_flags(args.extra)
     if not args.report_only:
-        Path(args.runs).mkdir(parents=True, exist_ok=True)
-        (Path(args.runs) / "grid.pid").write_text(str(os.getpgrp()))
-        evaluate_base(args)
-        for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any gets its third
-            for cell in cells:
-                path = run_one(args, cell, seed)
-                print(f"{cell} seed {seed}: {path}", flush=True)
+        try:  # one grid at a time in a --runs folder: a second would clear the first one's evaluations and runs
+            with run_folder.exclusive(Path(args.runs), "--runs"):
+                (Path(args.runs) / "grid.pid").write_text(str(os.getpgrp()))
+                evaluate_base(args)
+                for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any its third
+                    for cell in cells:
+                        path = run_one(args, cell, seed)
+                        print(f"{cell} seed {seed}: {path}", flush=True)
+        except run_folder.UsageError as error:
+            raise SystemExit(f"error: {error}") from None
     table, figure = report(args)
     print(table.read_text())
     print(f"table in {table}, figure in {figure}")

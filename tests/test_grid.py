@@ -49,6 +49,16 @@ def test_only_agent_flags_reach_eval():
     assert grid.agent_flags(extra) == ["--max-new-tokens", "40", "--no-few-shot", "--passage-chars", "60"]
 
 
+def test_a_second_grid_on_the_same_runs_folder_stops_before_touching_it(tmp_path):
+    runs = tmp_path / "runs"
+    with grid.run_folder.exclusive(runs, "--runs"):  # what a grid running there holds
+        (runs / "base").mkdir()
+        with pytest.raises(SystemExit, match=f"--runs {runs}: in use by another run \\(pid "):
+            grid.main(["--cells", "prs-vspo", "--runs", str(runs), "--results", str(tmp_path / "results"),
+                       "--model", str(tmp_path / "no-model")])  # were it to run anything, it would fail at once
+        assert sorted(p.name for p in runs.iterdir()) == ["base", "run.pid"]  # no grid.pid written over, nothing run
+
+
 def test_the_grid_runs_summarises_skips_and_reports(tiny_agent, tmp_path, capsys):
     flags = ["--model", str(tiny_agent), "--cells", "prs-vspo", "prs-grpo", "--seeds", "1", "--steps", "1",
              "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-3", "--eval-wiki", "2",

@@ -586,7 +586,7 @@ def test_a_second_run_in_a_folder_a_run_is_training_in_stops_at_once_and_a_kille
          str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match=f"--output-dir {re.escape(str(run))}: a run is training in it "
+        with pytest.raises(SystemExit, match=f"--output-dir {re.escape(str(run))}: in use by another run "
                                              f"\\(pid {holder.pid} on "):
             train.main(small(tiny_agent, run, "--steps", "1"))
         assert sorted(p.name for p in run.iterdir()) == ["run.pid"]  # nothing of the second run written
