@@ -12,8 +12,9 @@ so the table can be redrawn without the runs. The runs themselves (logs, checkpo
 down to their logs once summarised.
 
 Resumable: a run whose summary exists (with the same flags) is skipped; a run that was killed continues from its
-newest checkpoint (train.py --resume), or starts again when it had none. Run nothing heavy beside it: two torch
-processes on a 2-core machine oversubscribe OpenMP's threads and both slow down many times over.
+newest checkpoint (train.py --resume), or starts again when it had none. One grid at a time runs in a --runs
+folder: a second one stops at once, naming the first. Run nothing heavy beside it: two torch processes on a 2-core
+machine oversubscribe OpenMP's threads and both slow down many times over.
 
 The claims (docs/METHOD.md §3, §5 and the papers' abstracts) and the cells that test them:
 
