@@ -254,9 +254,7 @@ def main(argv=None) -> None:
         require(len(set(names)) == len(names), "task", args.task, "names a task twice")
         require(not Path(args.output).exists() or Path(args.output).is_dir(), "output", args.output,
                 "a file, not a folder; choose a folder for the results")
-        written = [path.name for path in result_files(Path(args.output), names) if path.exists()]
-        require(not written, "output", args.output, f"would replace files already there ({', '.join(written)}: an "
-                                                    f"earlier evaluation, or a task file); choose another --output")
+        refuse_to_replace(Path(args.output), names)  # before the model loads; again once the folder is held
         tasks = {name: data.load_task(task, args.split, args.cache_dir or None) for name, task in zip(names, args.task)}
         judge = build_judge(args, cache_path=None, check=any(e.reference for task in tasks.values() for e in task))
         model, tokenizer = models.load_model(args.model, device=device, dtype=dtype, cache=args.cache_dir or None)
@@ -268,10 +266,28 @@ def main(argv=None) -> None:
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    import run_folder  # here, not at the top: run_folder imports this module
+    try:
+        with run_folder.exclusive(output, "--output"):  # one evaluation at a time writes into a folder
+            refuse_to_replace(output, names)  # another may have finished there while this one loaded its model
+            results = write_results(output, names, tasks, args.limit, model, tokenizer, tools, config, judge)
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+    print(format_table(results))
+    print(f"trajectories and metrics.json written to {output}/")
+
+
+def refuse_to_replace(output: Path, names: list[str]) -> None:
+    written = [path.name for path in result_files(output, names) if path.exists()]
+    require(not written, "output", str(output), f"would replace files already there ({', '.join(written)}: an "
+                                                f"earlier evaluation, or a task file); choose another --output")
+
+
+def write_results(output: Path, names, tasks, limit, model, tokenizer, tools, config, judge) -> dict:
+    """Evaluate each task and write its trajectories (one .jsonl per task) and, last, metrics.json."""
     results, files = {}, result_files(output, names)
     for (name, examples), path in zip(tasks.items(), files):
-        examples = examples[:args.limit] if args.limit else examples
+        examples = examples[:limit] if limit else examples
         metrics, records = evaluate(model, tokenizer, examples, tools, config, judge, progress=name)
         if any(e.reference for e in examples) and judge is None:
             print(f"{name}: long-form answers need a judge (--judge-model, --judge-base-url); judge accuracy "
@@ -280,8 +296,7 @@ def main(argv=None) -> None:
             handle.writelines(jsonl_line(record) for record in records)
         results[name] = metrics
     files[-1].write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
-    print(f"trajectories and metrics.json written to {output}/")
+    return results
 
 
 if __name__ == "__main__":

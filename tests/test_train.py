@@ -608,6 +608,14 @@ def test_a_folder_flag_that_names_a_file_is_a_clear_error(tmp_path, flag):
     assert file.read_text() == "mine"
 
 
+def test_an_evaluation_into_a_folder_another_is_writing_stops_before_writing(tmp_path):
+    out = tmp_path / "out"
+    with run_folder.exclusive(out, "--output"):  # what an evaluation (or a training run) writing there holds
+        with pytest.raises(SystemExit, match=f"--output {re.escape(str(out))}: in use by another run \\(pid "):
+            evaluation.main(["--model", models.TINY, "--output", str(out), "--limit", "2"])
+        assert sorted(p.name for p in out.iterdir()) == ["run.pid"]  # no result of the second written
+
+
 def test_eval_output_that_names_a_file_is_a_clear_error(tmp_path):
     file = tmp_path / "results.txt"
     file.write_text("mine")
