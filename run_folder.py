@@ -64,8 +64,8 @@ def exclusive(output: Path, flag: str = "--output-dir"):
     writing one metrics.jsonl and one checkpoints/. The lock is an OS lock (flock) on the folder itself, which the OS
     lets go when the process ends, however it ends (kill -9 included): no stale lock is ever left to clear by hand.
     `run.pid` says who holds it, for that error; it is removed when the run ends (a killed run leaves it behind,
-    where it means nothing: the next run writes its own). `flag` names the folder in errors (benchmarks/grid.py holds
-    its --runs folder the same way)."""
+    where it means nothing: the next run writes its own). `flag` names the folder in errors: eval.py holds its
+    --output and benchmarks/grid.py its --runs folder the same way."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"{flag} {output}: a file, not a folder; choose a folder for the run")
     output.mkdir(parents=True, exist_ok=True)
