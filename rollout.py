@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -239,7 +242,13 @@ class Segment:
 
 def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token per row from scores [batch, vocab]: argmax at temperature 0, else a draw from softmax(scores / T)
-    restricted to the smallest set of tokens whose probability reaches top_p."""
+    restricted to the smallest set of tokens whose probability reaches top_p.
+
+    The draw inverts the cumulative distribution: one uniform number u per row, and the token whose interval
+    [c_{i-1}, c_i) of the running sum holds u. That is the same distribution as torch.multinomial, which on a CPU
+    draws an exponential variate for every token of the vocabulary (6.1 ms for 6 rows of 49,152 tokens, against
+    0.1 ms here: 7% of a decode step of the embedded model). The running sum is taken in float64, so the intervals'
+    rounding (~1e-12) moves no measurable mass; a token of probability 0 has an empty interval and is never drawn."""
     if temperature == 0:
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores / temperature, dim=-1)  # [batch, vocab]
@@ -247,7 +256,9 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # [batch, vocab]
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [batch]
+    cumulative = probs.double().cumsum(dim=-1)  # [batch, vocab] c_i
+    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]  # [batch, 1] in [0, c_V)
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # [batch]
 
 
 @torch.no_grad()
@@ -318,21 +329,26 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
 # ----------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def decoding_layout(model):
-    """While decoding on a CPU, each linear layer's weight [out, in] is stored column by column (its transpose is
-    contiguous). The values stay the same (results may differ in the last bits of a float, as with any other
-    kernel), and the usual layout is back on leaving.
+    """While decoding on a CPU, a linear layer's weight [out, in] is stored column by column (its transpose is
+    contiguous) where that makes its product with a decode step's few rows clearly faster on this machine
+    (`column_layout_pays`, measured once per weight shape). The values stay the same (results may differ in the
+    last bits of a float, as with any other kernel), and the usual layout is back on leaving.
 
-    Why: a decode step multiplies a few rows (one token per trajectory) by every weight matrix. On a CPU, MKL's
-    product of 16 rows by a weight stored row by row (`x @ W.T`, as nn.Linear computes it) is about 4 times slower
-    than by the same weight stored column by column (measured: 767 against 198 µs for a 1536 x 576 layer, 27.6
-    against 12.8 ms for the 49152 x 576 output layer). The rollout of benchmarks/rollout_speed.py (16 trajectories)
-    runs 1.27x faster, evaluation's 32 questions about 1.1x, where attention and the encoding of tool responses
-    weigh more. Encoding many tokens at once, and the update, run as fast either way, and a GPU does not need it, so
-    it is done only here, only on a CPU. A tied input embedding shares the output layer's weight, and its
-    lookups read the new layout as well."""
+    Why: a decode step multiplies a few rows (one token per trajectory) by every weight matrix, and how fast MKL
+    does that depends on the CPU and the weight's shape and layout. On an AVX2 machine, 16 rows by a weight stored
+    row by row (`x @ W.T`, as nn.Linear computes it) took 767 µs against 198 µs stored column by column for a
+    1536 x 576 layer, 27.6 against 12.8 ms for the 49152 x 576 output layer, and the rollout of
+    benchmarks/rollout_speed.py ran 1.27x faster with every weight moved. On an Intel Xeon with AVX-512 some shapes
+    gain (8 rows by 576 x 576: 59 against 18 µs) and others do not (1536 x 576 and the output layer run as fast or
+    faster as stored), and moving every weight made that rollout 0.93x as fast: laying the weights out and back
+    costs a copy of them each way per rollout.
+    Encoding many tokens at once, and the update, run as fast either way, and a GPU does not need it, so it is done
+    only here, only on a CPU. A tied input embedding shares the output layer's weight, and its lookups read the new
+    layout as well."""
     weights = {id(m.weight): m.weight for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and m.weight.dim() == 2
-               and m.weight.is_floating_point() and m.weight.is_contiguous()}
+               and m.weight.is_floating_point() and m.weight.is_contiguous()
+               and column_layout_pays(tuple(m.weight.shape), m.weight.dtype)}
     for weight in weights.values():
         weight.data = weight.data.t().contiguous().t()  # the same [out, in] values, stored [in, out]
     try:
@@ -340,6 +356,28 @@ def decoding_layout(model):
     finally:
         for weight in weights.values():
             weight.data = weight.data.contiguous()
+
+
+@functools.cache
+def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly faster (below 0.8 of the
+    time, since moving the weight costs a copy each way) with the weight stored column by column than row by row,
+    on this CPU: the median of 15 products each, once per process for each shape and dtype (about 1 s in all for the
+    embedded model, most of it its output layer)."""
+    x = torch.randn(8, shape[1], dtype=dtype)
+    rows = torch.randn(shape, dtype=dtype)
+    columns = rows.t().contiguous().t()
+
+    def median_seconds(weight):
+        times = []
+        for _ in range(15):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    median_seconds(rows), median_seconds(columns)  # warm up both
+    return median_seconds(columns) < 0.8 * median_seconds(rows)
 
 
 @torch.no_grad()

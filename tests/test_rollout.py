@@ -5,7 +5,6 @@ sequence, so masks, spans, stop points and tool responses can be checked exactly
 model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
 """
 
-import contextlib
 import json
 import warnings
 
@@ -186,6 +185,39 @@ def test_a_segment_stops_at_the_token_that_completes_the_stop_string(model, tok,
         assert t.stop_reason == "answer" and t.answer == "Nile" and len(t.steps) == 1
     else:
         assert t.tool_calls[0].call.ok and t.stop_reason == "answer" and len(t.steps) == 2
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_draws_each_token_with_its_tempered_probability(top_p):
+    # rollout.sample inverts the running sum of the probabilities instead of calling torch.multinomial: the same
+    # distribution, softmax(scores / T) cut to the top_p nucleus and renormalized, checked on 40,000 draws.
+    scores = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    torch.manual_seed(0)
+    drawn = rollout.sample(scores.expand(40_000, -1), temperature=0.7, top_p=top_p)  # [40000]
+    probs = torch.softmax(scores / 0.7, dim=-1).double()
+    if top_p < 1.0:  # the nucleus: the fewest most likely tokens whose mass reaches top_p
+        kept = (probs.cumsum(0) - probs) < top_p
+        probs = torch.where(kept, probs, 0.0) / probs[kept].sum()
+    counts = torch.bincount(drawn, minlength=len(scores)).double()
+    sigma = (40_000 * probs * (1 - probs)).sqrt()
+    assert torch.all((counts - 40_000 * probs).abs() <= 5 * sigma + 1e-9), (counts, 40_000 * probs)
+    assert torch.all(counts[probs == 0] == 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(finite=st.lists(st.booleans(), min_size=2, max_size=40), seed=st.integers(0, 2**16),
+       temperature=st.sampled_from([0.3, 0.7, 1.0, 1.5]))
+def test_sampling_never_draws_a_token_of_probability_zero(finite, seed, temperature):
+    # Tokens a logits processor set to -inf have probability 0, and their interval of the running sum is empty:
+    # whatever the uniform draw (0 included), the token drawn has a finite score, at either end of the vocabulary too.
+    if not any(finite):
+        finite[0] = True
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(64, len(finite), generator=generator) * 5  # [64, V]
+    scores[:, ~torch.tensor(finite)] = float("-inf")
+    torch.manual_seed(seed)
+    drawn = rollout.sample(scores, temperature, top_p=1.0)  # [64]
+    assert torch.isfinite(scores.gather(1, drawn[:, None])).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -453,12 +485,14 @@ def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, b
 
 
 def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
-    # While decoding on a CPU each linear weight is stored column by column (rollout.decoding_layout): the same
+    # While decoding on a CPU a linear weight is stored column by column where that pays (rollout.decoding_layout,
+    # here forced for every weight): the same
     # values, the same greedy trajectories, the output layer still tied to the input embedding, and every weight
     # back in its usual layout afterwards (save_pretrained and the update see what they always saw).
     model, tokenizer = embedded
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     strides = {name: p.stride() for name, p in model.named_parameters()}
+    monkeypatch.setattr(rollout, "column_layout_pays", lambda shape, dtype: True)  # whatever this CPU measured
     with rollout.decoding_layout(model):
         head = model.get_output_embeddings().weight
         assert head is model.get_input_embeddings().weight  # still one tensor
@@ -474,7 +508,7 @@ def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monk
     examples = data.load_task("wiki", "test")[:3]
     config = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=48, max_total_tokens=1024, max_tool_calls=1)
     laid_out = rollout.rollout(model, tokenizer, examples, registry, config)
-    monkeypatch.setattr(rollout, "decoding_layout", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(rollout, "column_layout_pays", lambda shape, dtype: False)
     plain = rollout.rollout(model, tokenizer, examples, registry, config)
     assert sum(len(t.tool_calls) for t in plain) >= 2
     for a, b in zip(laid_out, plain):
