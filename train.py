@@ -22,7 +22,7 @@ grpo (vanilla: no replacement; dead groups stay in the batch with advantage 0, a
 groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and
 --value-clip override the sampling parts for ablations (e.g. VSPO with random replacement).
 
-The defaults train the embedded model on a laptop CPU in 8 to 16 minutes; README ("Training on a GPU") gives the
+The defaults train the embedded model on a laptop CPU in 7 to 16 minutes; README ("Training on a GPU") gives the
 paper's settings for a GPU.
 """
 
