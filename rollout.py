@@ -257,8 +257,10 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     cumulative = probs.double().cumsum(dim=-1)  # [batch, vocab] c_i
-    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]  # [batch, 1] in [0, c_V)
-    return torch.searchsorted(cumulative, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)  # [batch]
+    total = cumulative[:, -1:]  # [batch, 1] c_V
+    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * total  # [batch, 1]
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # the product can round up to c_V
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)  # [batch] the first i with c_i > u
 
 
 @torch.no_grad()

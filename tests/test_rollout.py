@@ -220,6 +220,15 @@ def test_sampling_never_draws_a_token_of_probability_zero(finite, seed, temperat
     assert torch.isfinite(scores.gather(1, drawn[:, None])).all()
 
 
+def test_sampling_at_the_top_of_the_uniform_range_draws_the_last_likely_token(monkeypatch):
+    # torch.rand's largest value times the running sum's total can round up to the total itself; the draw must then
+    # still land in a token's interval (the last token of positive probability), not past the end of the vocabulary
+    # or on the zero-probability tokens after it.
+    scores = torch.tensor([[0.5, 1.0, 2.0, float("-inf"), float("-inf")]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, **kwargs))  # u = c_V exactly
+    assert rollout.sample(scores, temperature=0.7, top_p=1.0).tolist() == [2]
+
+
 @settings(max_examples=60, deadline=None)
 @given(question=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=120), slack=st.integers(-3, 3),
        few_shot=st.booleans())
@@ -486,9 +495,9 @@ def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, b
 
 def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
     # While decoding on a CPU a linear weight is stored column by column where that pays (rollout.decoding_layout,
-    # here forced for every weight): the same
-    # values, the same greedy trajectories, the output layer still tied to the input embedding, and every weight
-    # back in its usual layout afterwards (save_pretrained and the update see what they always saw).
+    # here forced for every weight): the same values, the same greedy trajectories, the output layer still tied to
+    # the input embedding, and every weight back in its usual layout afterwards (save_pretrained and the update see
+    # what they always saw).
     model, tokenizer = embedded
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     strides = {name: p.stride() for name, p in model.named_parameters()}
