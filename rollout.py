@@ -365,9 +365,12 @@ def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
     """Whether 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly faster (below 0.8 of the
     time, since moving the weight costs a copy each way) with the weight stored column by column than row by row,
     on this CPU: the median of 15 products each, once per process for each shape and dtype (about 1 s in all for the
-    embedded model, most of it its output layer)."""
-    x = torch.randn(8, shape[1], dtype=dtype)
-    rows = torch.randn(shape, dtype=dtype)
+    embedded model, most of it its output layer). Its random operands come from a generator of its own: a draw from
+    torch's global one would shift the sampling of the run that measures first, and only that run (a second run of
+    the same seed in the same process would find the answer cached and sample differently)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, shape[1], dtype=dtype, generator=generator)
+    rows = torch.randn(shape, dtype=dtype, generator=generator)
     columns = rows.t().contiguous().t()
 
     def median_seconds(weight):

@@ -493,6 +493,14 @@ def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, b
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
+def test_measuring_the_layout_leaves_the_global_generator_alone():
+    # column_layout_pays runs once per process, inside the first rollout: a draw from torch's global generator there
+    # made the first run of a seed sample differently from every later run of that seed in the same process.
+    state = torch.get_rng_state()
+    rollout.column_layout_pays.__wrapped__((96, 64), torch.float32)  # measured, whatever this process has cached
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
     # While decoding on a CPU a linear weight is stored column by column where that pays (rollout.decoding_layout,
     # here forced for every weight): the same values, the same greedy trajectories, the output layer still tied to
