@@ -17,9 +17,11 @@ build the agent from them, for eval.py and train.py alike.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
+import platform
 import random
 import statistics
 import sys
@@ -116,6 +118,28 @@ def device_and_dtype(args: settings.AgentArgs) -> tuple[torch.device, torch.dtyp
     if args.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
+def keep_freed_memory() -> None:
+    """Have the C library's allocator keep the memory that freed tensors leave, for the next tensors, instead of
+    handing it back to the system and faulting it in again. For CPU runs (train.py and eval.py call it there).
+
+    On a CPU every activation, gradient and logit of a pass is a fresh allocation of megabytes, and the largest (the
+    output layer's gradient, 113 MB; logits over the vocabulary) are fresh every micro-batch. glibc maps each
+    allocation above its mmap threshold (at most 32 MB) on its own and unmaps it when freed, and gives freed memory
+    at the top of its heap back beyond a trim threshold; the next allocation then page-faults every 4 KB page in
+    again, each zeroed by the kernel. Here every allocation comes from the heap and up to 2 GB may stay free at its
+    top. The default run (2 cores, Intel Xeon, each run alone) took 2.5 million page faults against 9.3 million, 32
+    against 52 s of system time, and 380 against 392 s (its update 136 against 150 s), every logged number the same.
+    The cost: memory freed stays with the process, so its size stays near its peak (7.2 against 6.9 GB here). Not
+    for a GPU run, whose host memory holds large one-off buffers (a checkpoint's copies). Where the C library is not
+    glibc it does nothing."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt's parameter numbers (malloc.h)
+    libc.mallopt(m_mmap_max, 0)  # every allocation from the heap
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: 2 GB
 
 
 def seed_everything(seed: int) -> None:
@@ -250,6 +274,8 @@ def main(argv=None) -> None:
     seed_everything(args.seed)
     try:
         device, dtype = device_and_dtype(args)
+        if device.type == "cpu":
+            keep_freed_memory()  # a faster run, the same numbers
         names = task_names(args.task)
         require(len(set(names)) == len(names), "task", args.task, "names a task twice")
         require(not Path(args.output).exists() or Path(args.output).is_dir(), "output", args.output,

@@ -1,6 +1,6 @@
 """Rollout throughput: the same trajectories generated five ways, on the embedded model, in one run.
 
-    python benchmarks/rollout_speed.py [--model smollm2-135m] [--trajectories 16] [--device cpu]
+    python benchmarks/rollout_speed.py [--model smollm2-135m] [--trajectories 16] [--device cpu] [--dtype auto]
 
 The five ways, all greedy (so each does the same work: the same trajectories, up to float rounding), with the same
 questions, tools and limits:
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import eval as evaluation  # noqa: E402
 import kv_cache  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
@@ -106,17 +107,22 @@ def main():
     parser.add_argument("--model", default=models.EMBEDDED, help="a --model value (models.py)")
     parser.add_argument("--trajectories", type=int, default=16, help="how many trajectories (questions x 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="the weights' dtype (auto: bf16 on CUDA, fp32 on the CPU, as train.py --dtype auto)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["one", "hf", "reencode", "layout"],
                         help="ways to leave out (one at a time is slow at large --trajectories)")
     args = parser.parse_args()
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    if args.device == "cpu":
+        evaluation.keep_freed_memory()  # as train.py and eval.py on a CPU
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=dtype)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "test")[:args.trajectories // 2]
     settings = dict(group_size=2, temperature=0.0, max_new_tokens=96, max_total_tokens=1024, max_tool_calls=2)
-    print(f"{args.model} on {args.device}, {len(examples)} questions x 2 = {2 * len(examples)} trajectories, "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"{args.model} on {args.device} in {dtype}, {len(examples)} questions x 2 = {2 * len(examples)} "
+          f"trajectories, torch threads {torch.get_num_threads()}")
     if args.device == "cpu":
         shapes = sorted({(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
                          if isinstance(m, torch.nn.Linear)})
