@@ -113,17 +113,15 @@ def main():
                         help="ways to leave out (one at a time is slow at large --trajectories)")
     args = parser.parse_args()
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    if args.device == "cpu":
-        evaluation.keep_freed_memory()  # as train.py and eval.py on a CPU
-    model, tokenizer = models.load_model(args.model, device=args.device, dtype=dtype)
+    device, dtype = evaluation.device_and_dtype(args)  # --dtype auto as train.py reads it
+    evaluation.keep_freed_memory(device)  # as train.py and eval.py
+    model, tokenizer = models.load_model(args.model, device=device, dtype=dtype)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "test")[:args.trajectories // 2]
     settings = dict(group_size=2, temperature=0.0, max_new_tokens=96, max_total_tokens=1024, max_tool_calls=2)
     print(f"{args.model} on {args.device} in {dtype}, {len(examples)} questions x 2 = {2 * len(examples)} "
           f"trajectories, torch threads {torch.get_num_threads()}")
-    if args.device == "cpu":
+    if device.type == "cpu":
         shapes = sorted({(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
                          if isinstance(m, torch.nn.Linear)})
         print("stored column by column while decoding (rollout.column_layout_pays): " + ", ".join(

@@ -91,8 +91,7 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    if args.device == "cpu":
-        evaluation.keep_freed_memory()  # as train.py and eval.py on a CPU
+    evaluation.keep_freed_memory(torch.device(args.device))  # as train.py and eval.py
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=torch.float32)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "train")[:args.questions]

@@ -390,7 +390,7 @@ FAULTS_OF_TEN_TENSORS = """
 import resource, sys, torch
 import eval
 if sys.argv[1] == "kept":
-    eval.keep_freed_memory()
+    eval.keep_freed_memory(torch.device("cpu"))
 torch.ones(16 * 2**20)  # 64 MB, allocated, written and freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
