@@ -36,14 +36,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
 
+import assets
 import kv_cache
 import tools as tool_lib
 from data import Example
@@ -333,7 +340,7 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
 def decoding_layout(model):
     """While decoding on a CPU, a linear layer's weight [out, in] is stored column by column (its transpose is
     contiguous) where that makes its product with a decode step's few rows clearly faster on this machine
-    (`column_layout_pays`, measured once per weight shape). The values stay the same (results may differ in the
+    (`column_layout_pays`, measured once per machine for each weight shape). The values stay the same (results may differ in the
     last bits of a float, as with any other kernel), and the usual layout is back on leaving.
 
     Why: a decode step multiplies a few rows (one token per trajectory) by every weight matrix, and how fast MKL
@@ -362,12 +369,42 @@ def decoding_layout(model):
 
 @functools.cache
 def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
-    """Whether 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly faster (below 0.8 of the
-    time, since moving the weight costs a copy each way) with the weight stored column by column than row by row,
-    on this CPU: the median of 15 products each, once per process for each shape and dtype (about 1 s in all for the
+    """Whether 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly faster with the weight
+    stored column by column than row by row on this CPU: measured once per machine (`measure_column_layout`) and
+    kept in the cache folder's `layouts.json`, one entry per CPU model, torch version, thread count, shape and dtype.
+
+    Why kept: the two layouts run different kernels, which round differently in the last bits, and a timing near
+    the threshold decides one way in one process and the other way in the next (on one Xeon the output layer
+    measured 0.70 to 0.87 of the row layout's time in four processes, against a threshold of 0.8). At temperature
+    0.7 such a difference flips a sampled token sooner or later, so two runs of one seed on one machine would train
+    on different samples. With the answer kept, every later process lays the weights out as the first one did, and
+    repeats its numbers exactly. A cache that cannot be read is measured again and rewritten (with a warning); one
+    that cannot be written leaves the answer to this process."""
+    key = (f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+           f"{shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}")
+    try:
+        path = assets.cache_dir() / "layouts.json"
+    except assets.AssetError as error:
+        print(f"warning: the weight layouts measured on this machine are not kept ({error})", file=sys.stderr)
+        return measure_column_layout(shape, dtype)
+    known = _read_layouts(path)
+    if key not in known:
+        pays = measure_column_layout(shape, dtype)
+        known = _read_layouts(path) | {key: pays}  # read again: another process may have added its shapes meanwhile
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".layouts-", delete=False) as handle:
+                json.dump(known, handle, indent=1, sort_keys=True)
+            os.replace(handle.name, path)  # atomic: a reader sees the old file or the new one, never half of one
+        except OSError as error:
+            print(f"warning: {path}: could not keep the measured weight layouts ({error})", file=sys.stderr)
+    return known[key]
+
+
+def measure_column_layout(shape: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether 8 rows by a weight of `shape` take below 0.8 of the time stored column by column (0.8 since moving
+    the weight costs a copy each way): the median of 15 products each, after a warm-up (about 1 s in all for the
     embedded model, most of it its output layer). Its random operands come from a generator of its own: a draw from
-    torch's global one would shift the sampling of the run that measures first, and only that run (a second run of
-    the same seed in the same process would find the answer cached and sample differently)."""
+    torch's global one would shift the sampling of the run that measures, and only that run."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, shape[1], dtype=dtype, generator=generator)
     rows = torch.randn(shape, dtype=dtype, generator=generator)
@@ -383,6 +420,33 @@ def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
 
     median_seconds(rows), median_seconds(columns)  # warm up both
     return median_seconds(columns) < 0.8 * median_seconds(rows)
+
+
+def _read_layouts(path: Path) -> dict[str, bool]:
+    """layouts.json as {key: pays}; {} when it is missing, and when it is not such a file (with a warning)."""
+    try:
+        known = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        print(f"warning: {path}: not a file of weight layouts ({error}); measuring them again", file=sys.stderr)
+        return {}
+    if not (isinstance(known, dict) and all(isinstance(v, bool) for v in known.values())):
+        print(f"warning: {path}: not a JSON object of true/false per weight shape; measuring them again",
+              file=sys.stderr)
+        return {}
+    return known
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 @torch.no_grad()

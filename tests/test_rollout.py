@@ -494,11 +494,41 @@ def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, b
 
 
 def test_measuring_the_layout_leaves_the_global_generator_alone():
-    # column_layout_pays runs once per process, inside the first rollout: a draw from torch's global generator there
+    # The layout is measured inside the first rollout of a process: a draw from torch's global generator there
     # made the first run of a seed sample differently from every later run of that seed in the same process.
     state = torch.get_rng_state()
-    rollout.column_layout_pays.__wrapped__((96, 64), torch.float32)  # measured, whatever this process has cached
+    rollout.measure_column_layout((96, 64), torch.float32)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_layout_measured_on_a_machine_is_kept_for_every_later_process(tmp_path, monkeypatch):
+    # A timing near the threshold decided differently from one process to the next, and the two layouts round
+    # differently: two runs of one seed on one machine trained on different samples. The first answer is kept in
+    # the cache and every later process (here: the uncached function) reads it instead of measuring again.
+    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
+    decide = rollout.column_layout_pays.__wrapped__
+    first = decide((96, 64), torch.float32)
+    kept = json.loads((tmp_path / "layouts.json").read_text())
+    assert list(kept.values()) == [first] and "96x64 float32" in next(iter(kept))
+    key = next(iter(kept))
+    (tmp_path / "layouts.json").write_text(json.dumps({key: not first}))  # as if the first process had found that
+    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: pytest.fail("measured again"))
+    assert decide((96, 64), torch.float32) is (not first)
+    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: True)
+    assert decide((64, 96), torch.float32) is True  # a new shape is measured and added beside the kept one
+    assert sorted(json.loads((tmp_path / "layouts.json").read_text()).values()) == sorted([not first, True])
+
+
+def test_an_unreadable_layout_file_is_measured_again_and_rewritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
+    (tmp_path / "layouts.json").write_text('{"half a file": tr')
+    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: True)
+    assert rollout.column_layout_pays.__wrapped__((96, 64), torch.float32) is True
+    assert "layouts.json: not a file of weight layouts" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "layouts.json").read_text()).values()) == [True]
+    (tmp_path / "layouts.json").write_text('{"a shape": "yes"}')  # JSON, but not true/false
+    assert rollout.column_layout_pays.__wrapped__((64, 96), torch.float32) is True
+    assert "not a JSON object of true/false" in capsys.readouterr().err
 
 
 def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
