@@ -391,12 +391,7 @@ def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
     if key not in known:
         pays = measure_column_layout(shape, dtype)
         known = _read_layouts(path) | {key: pays}  # read again: another process may have added its shapes meanwhile
-        try:
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".layouts-", delete=False) as handle:
-                json.dump(known, handle, indent=1, sort_keys=True)
-            os.replace(handle.name, path)  # atomic: a reader sees the old file or the new one, never half of one
-        except OSError as error:
-            print(f"warning: {path}: could not keep the measured weight layouts ({error})", file=sys.stderr)
+        _write_layouts(path, known)
     return known[key]
 
 
@@ -436,6 +431,21 @@ def _read_layouts(path: Path) -> dict[str, bool]:
               file=sys.stderr)
         return {}
     return known
+
+
+def _write_layouts(path: Path, known: dict[str, bool]) -> None:
+    """Replace layouts.json atomically (a reader sees the old file or the new one, never half of one); a failure is
+    a warning, and leaves no temporary file behind."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".layouts-", delete=False) as handle:
+            temporary = Path(handle.name)
+            json.dump(known, handle, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError as error:
+        print(f"warning: {path}: could not keep the measured weight layouts ({error})", file=sys.stderr)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
 
 
 def _cpu_name() -> str:

@@ -531,6 +531,17 @@ def test_an_unreadable_layout_file_is_measured_again_and_rewritten(tmp_path, mon
     assert "not a JSON object of true/false" in capsys.readouterr().err
 
 
+def test_a_layout_file_that_cannot_be_written_costs_a_warning_and_leaves_nothing_behind(tmp_path, monkeypatch,
+                                                                                        capsys):
+    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
+    (tmp_path / "layouts.json").mkdir()  # a folder where the file should be: it can be neither read nor replaced
+    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: False)
+    assert rollout.column_layout_pays.__wrapped__((96, 64), torch.float32) is False
+    err = capsys.readouterr().err
+    assert "not a file of weight layouts" in err and "could not keep the measured weight layouts" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["layouts.json"]  # no temporary file left
+
+
 def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
     # While decoding on a CPU a linear weight is stored column by column where that pays (rollout.decoding_layout,
     # here forced for every weight): the same values, the same greedy trajectories, the output layer still tied to
