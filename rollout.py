@@ -338,87 +338,137 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
 # ----------------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def decoding_layout(model):
-    """While decoding on a CPU, a linear layer's weight [out, in] is stored column by column (its transpose is
-    contiguous) where that makes its product with a decode step's few rows clearly faster on this machine
-    (`column_layout_pays`, measured once per machine for each weight shape). The values stay the same (results may differ in the
-    last bits of a float, as with any other kernel), and the usual layout is back on leaving.
+    """During a rollout on a CPU, each linear layer multiplies by its weight in whichever of three layouts makes a
+    decode step's product (a few rows, one token per trajectory) clearly fastest on this machine (`layout_for`,
+    measured once per machine for each weight shape):
 
-    Why: a decode step multiplies a few rows (one token per trajectory) by every weight matrix, and how fast MKL
-    does that depends on the CPU and the weight's shape and layout. On an AVX2 machine, 16 rows by a weight stored
-    row by row (`x @ W.T`, as nn.Linear computes it) took 767 µs against 198 µs stored column by column for a
-    1536 x 576 layer, 27.6 against 12.8 ms for the 49152 x 576 output layer, and the rollout of
-    benchmarks/rollout_speed.py ran 1.27x faster with every weight moved. On an Intel Xeon with AVX-512 some shapes
-    gain (8 rows by 576 x 576: 59 against 18 µs) and others do not (1536 x 576 and the output layer run as fast or
-    faster as stored), and moving every weight made that rollout 0.93x as fast: laying the weights out and back
-    costs a copy of them each way per rollout.
-    Encoding many tokens at once, and the update, run as fast either way, and a GPU does not need it, so it is done
-    only here, only on a CPU. A tied input embedding shares the output layer's weight, and its lookups read the new
-    layout as well."""
-    weights = {id(m.weight): m.weight for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and m.weight.dim() == 2
-               and m.weight.is_floating_point() and m.weight.is_contiguous()
-               and column_layout_pays(tuple(m.weight.shape), m.weight.dtype)}
-    for weight in weights.values():
+        rows      as stored, [out, in] row by row: `x @ W.T`, as nn.Linear computes it, through MKL
+        columns   the same [out, in] values stored column by column (the transpose contiguous), through MKL
+        packed    a copy of the weight reordered into oneDNN's blocked format for products with few rows
+                  (torch.ops.mkldnn._reorder_linear_weight), multiplied by oneDNN (_linear_pointwise): the layer's
+                  forward is that product while the rollout runs
+
+    The values stay the same (results may differ in the last bits of a float, as with any other kernel), and the
+    usual layout and forward are back on leaving.
+
+    Why: how fast a product of a few rows by a weight runs depends on the CPU, the library, the weight's shape and
+    layout. On an AVX2 machine, 16 rows by a weight stored row by row took 767 µs against 198 µs stored column by
+    column for a 1536 x 576 layer. On an Intel Xeon with AVX-512 some shapes gained from columns (8 rows by 576 x
+    576: 59 against 18 µs) and others did not. On an AMD EPYC (Zen 4), where MKL's kernels for few rows are slow,
+    oneDNN's packed product of 10 rows took 4.9 ms against 26.4 ms by the 49152 x 576 output layer and 0.15
+    against 0.33 ms by 1536 x 576, and a decode step of 10 rows ran in 82 ms against 125 ms. So it is measured,
+    not assumed. A packed copy costs the memory of the weights it packs while the rollout runs; the update never
+    sees it (it runs outside, and needs gradients, which the packed product has not). Encoding many tokens at
+    once runs through the same products as decoding, and a GPU needs none of this, so it is done only here, only
+    on a CPU. A tied input embedding shares the output layer's weight: its lookups read the column layout as well,
+    and the packed copy is the output layer's alone."""
+    moved, packed = {}, []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu" and weight.dim() == 2
+                and weight.is_floating_point() and weight.is_contiguous()):
+            continue
+        layout = layout_for(tuple(weight.shape), weight.dtype)
+        if layout == "columns":
+            moved[id(weight)] = weight
+        elif layout == "packed" and packed_available() and "forward" not in module.__dict__:  # (a forward set
+            # on the module itself, by a hook, is left alone)
+            reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+            module.forward = functools.partial(_packed_linear, reordered, module.bias)
+            packed.append(module)
+    for weight in moved.values():
         weight.data = weight.data.t().contiguous().t()  # the same [out, in] values, stored [in, out]
     try:
         yield
     finally:
-        for weight in weights.values():
+        for weight in moved.values():
             weight.data = weight.data.contiguous()
+        for module in packed:
+            del module.forward  # nn.Linear's own forward again
+
+
+def _packed_linear(reordered: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T (+ bias) with W in oneDNN's blocked format (from _reorder_linear_weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
+
+
+LAYOUTS = ("rows", "columns", "packed")
+
+
+def packed_available() -> bool:
+    """Whether this torch has oneDNN's packed linear product (CPU builds with oneDNN have it since torch 2.0)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 @functools.cache
-def column_layout_pays(shape: tuple[int, int], dtype: torch.dtype) -> bool:
-    """Whether 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly faster with the weight
-    stored column by column than row by row on this CPU: measured once per machine (`measure_column_layout`) and
-    kept in the cache folder's `layouts.json`, one entry per CPU model, torch version, thread count, shape and dtype.
+def layout_for(shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """The layout (LAYOUTS) in which 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly
+    fastest on this CPU: measured once per machine (`measure_layout`) and kept in the cache folder's
+    `weight-layouts.json`, one entry per CPU model, torch version, thread count, shape and dtype.
 
-    Why kept: the two layouts run different kernels, which round differently in the last bits, and a timing near
-    the threshold decides one way in one process and the other way in the next (on one Xeon the output layer
-    measured 0.70 to 0.87 of the row layout's time in four processes, against a threshold of 0.8). At temperature
-    0.7 such a difference flips a sampled token sooner or later, so two runs of one seed on one machine would train
-    on different samples. With the answer kept, every later process lays the weights out as the first one did, and
+    Why kept: the layouts run different kernels, which round differently in the last bits, and a timing near a
+    threshold decides one way in one process and the other way in the next (on one Xeon the output layer measured
+    0.70 to 0.87 of the row layout's time in four processes, against a threshold of 0.8). At temperature 0.7 such
+    a difference flips a sampled token sooner or later, so two runs of one seed on one machine would train on
+    different samples. With the answer kept, every later process lays the weights out as the first one did, and
     repeats its numbers exactly. A cache that cannot be read is measured again and rewritten (with a warning); one
     that cannot be written leaves the answer to this process."""
     key = (f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
            f"{shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}")
     try:
-        path = assets.cache_dir() / "layouts.json"
+        path = assets.cache_dir() / "weight-layouts.json"
     except assets.AssetError as error:
         print(f"warning: the weight layouts measured on this machine are not kept ({error})", file=sys.stderr)
-        return measure_column_layout(shape, dtype)
+        return measure_layout(shape, dtype)
     known = _read_layouts(path)
     if key not in known:
-        pays = measure_column_layout(shape, dtype)
-        known = _read_layouts(path) | {key: pays}  # read again: another process may have added its shapes meanwhile
+        layout = measure_layout(shape, dtype)
+        known = _read_layouts(path) | {key: layout}  # read again: another process may have added its shapes meanwhile
         _write_layouts(path, known)
     return known[key]
 
 
-def measure_column_layout(shape: tuple[int, int], dtype: torch.dtype) -> bool:
-    """Whether 8 rows by a weight of `shape` take below 0.8 of the time stored column by column (0.8 since moving
-    the weight costs a copy each way): the median of 15 products each, after a warm-up (about 1 s in all for the
-    embedded model, most of it its output layer). Its random operands come from a generator of its own: a draw from
-    torch's global one would shift the sampling of the run that measures, and only that run."""
+def measure_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """The fastest layout for 8 rows by a weight of `shape`: "rows" unless another takes below 0.8 of its time
+    (0.8 since laying a weight out costs a copy of it per rollout); the median of 15 to 201 products each, after a
+    warm-up (about 2 s in all for the embedded model, most of it its output layer). Its random operands come from a
+    generator of its own: a draw from torch's global one would shift the sampling of the run that measures, and
+    only that run."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, shape[1], dtype=dtype, generator=generator)
-    rows = torch.randn(shape, dtype=dtype, generator=generator)
-    columns = rows.t().contiguous().t()
+    weight = torch.randn(shape, dtype=dtype, generator=generator)
+    products = {"rows": functools.partial(torch.nn.functional.linear, x, weight),
+                "columns": functools.partial(torch.nn.functional.linear, x, weight.t().contiguous().t())}
+    if packed_available():
+        try:
+            products["packed"] = functools.partial(
+                _packed_linear, torch.ops.mkldnn._reorder_linear_weight(weight, 8), None, x)
+            products["packed"]()
+        except RuntimeError:  # this dtype or CPU is not one oneDNN's product takes
+            del products["packed"]
 
-    def median_seconds(weight):
-        times = []
-        for _ in range(15):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def seconds(product):
+        start = time.perf_counter()
+        product()
+        return time.perf_counter() - start
 
-    median_seconds(rows), median_seconds(columns)  # warm up both
-    return median_seconds(columns) < 0.8 * median_seconds(rows)
+    warm = {layout: min(seconds(product) for _ in range(3)) for layout, product in products.items()}
+    # Taken in turns, so that a slower moment of the machine falls on every layout alike; a small weight's product
+    # takes microseconds, and more of them are needed for its median to hold still from one process to the next.
+    rounds = min(201, max(15, int(0.05 / warm["rows"])))
+    times = {layout: [] for layout in products}
+    for _ in range(rounds):
+        for layout, product in products.items():
+            times[layout].append(seconds(product))
+    medians = {layout: statistics.median(taken) for layout, taken in times.items()}
+    fastest = min(medians, key=medians.get)
+    return fastest if medians[fastest] < 0.8 * medians["rows"] else "rows"
 
 
-def _read_layouts(path: Path) -> dict[str, bool]:
-    """layouts.json as {key: pays}; {} when it is missing, and when it is not such a file (with a warning)."""
+def _read_layouts(path: Path) -> dict[str, str]:
+    """weight-layouts.json as {key: layout}; {} when it is missing, and when it is not such a file (with a
+    warning)."""
     try:
         known = json.loads(path.read_text())
     except FileNotFoundError:
@@ -426,16 +476,16 @@ def _read_layouts(path: Path) -> dict[str, bool]:
     except (OSError, ValueError) as error:
         print(f"warning: {path}: not a file of weight layouts ({error}); measuring them again", file=sys.stderr)
         return {}
-    if not (isinstance(known, dict) and all(isinstance(v, bool) for v in known.values())):
-        print(f"warning: {path}: not a JSON object of true/false per weight shape; measuring them again",
+    if not (isinstance(known, dict) and all(v in LAYOUTS for v in known.values())):
+        print(f"warning: {path}: not a JSON object of {'/'.join(LAYOUTS)} per weight shape; measuring them again",
               file=sys.stderr)
         return {}
     return known
 
 
-def _write_layouts(path: Path, known: dict[str, bool]) -> None:
-    """Replace layouts.json atomically (a reader sees the old file or the new one, never half of one); a failure is
-    a warning, and leaves no temporary file behind."""
+def _write_layouts(path: Path, known: dict[str, str]) -> None:
+    """Replace weight-layouts.json atomically (a reader sees the old file or the new one, never half of one); a
+    failure is a warning, and leaves no temporary file behind."""
     temporary = None
     try:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".layouts-", delete=False) as handle:

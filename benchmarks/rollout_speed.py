@@ -12,9 +12,9 @@ questions, tools and limits:
     re-encoding       this project's batched loop, encoding each trajectory's whole context again every round
                       (RolloutConfig(keep_cache=False), the reference path of the tests)
     this project      the batched loop keeping each trajectory's keys and values across tool rounds
-    other layout      the same, with each weight in the layout rollout.column_layout_pays did not pick: on a CPU
-                      the loop stores a weight column by column while decoding (rollout.decoding_layout) where a
-                      short measurement of its shape finds that faster, and leaves it as stored elsewhere
+    as stored         the same, with every weight as stored: on a CPU the loop multiplies by a weight stored
+                      column by column, or by a copy packed for oneDNN (rollout.decoding_layout), where a short
+                      measurement of its shape finds that faster (rollout.layout_for); here it does neither
 
 It prints, for each, the sampled and tool-response tokens, the wall time and sampled tokens per second, then the
 ratios of this project's loop to the others.
@@ -44,14 +44,14 @@ def project_loop(model, tokenizer, examples, registry, config):
     return sampled, sum(len(t.loss_mask) for t in trajectories) - sampled
 
 
-def other_layout_loop(model, tokenizer, examples, registry, config):
-    """project_loop with every weight in the layout rollout.column_layout_pays did not pick for its shape."""
-    pays = rollout.column_layout_pays
-    rollout.column_layout_pays = lambda shape, dtype: not pays(shape, dtype)
+def as_stored_loop(model, tokenizer, examples, registry, config):
+    """project_loop with every weight as stored, whatever rollout.layout_for picked for its shape."""
+    chosen = rollout.layout_for
+    rollout.layout_for = lambda shape, dtype: "rows"
     try:
         return project_loop(model, tokenizer, examples, registry, config)
     finally:
-        rollout.column_layout_pays = pays
+        rollout.layout_for = chosen
 
 
 def hf_generate_loop(model, tokenizer, examples, registry, config):
@@ -124,14 +124,13 @@ def main():
     if device.type == "cpu":
         shapes = sorted({(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
                          if isinstance(m, torch.nn.Linear)})
-        print("stored column by column while decoding (rollout.column_layout_pays): " + ", ".join(
-            f"{out} x {in_} {'yes' if rollout.column_layout_pays((out, in_), dtype) else 'no'}"
-            for (out, in_), dtype in shapes))
+        print("each weight's layout while decoding (rollout.layout_for): " + ", ".join(
+            f"{out} x {in_} {rollout.layout_for((out, in_), dtype)}" for (out, in_), dtype in shapes))
     ways = {"one at a time": ("one", project_loop, dict(batch_size=1)),
             "HF generate": ("hf", hf_generate_loop, {}),
             "re-encoding": ("reencode", project_loop, dict(batch_size=len(examples) * 2, keep_cache=False)),
             "this project": ("", project_loop, dict(batch_size=len(examples) * 2)),
-            "other layout": ("layout", other_layout_loop, dict(batch_size=len(examples) * 2))}
+            "as stored": ("layout", as_stored_loop, dict(batch_size=len(examples) * 2))}
     speed = {}
     for name, (key, loop, extra) in ways.items():
         if key in args.skip:

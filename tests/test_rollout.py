@@ -5,6 +5,7 @@ sequence, so masks, spans, stop points and tool responses can be checked exactly
 model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
 """
 
+import functools
 import json
 import warnings
 
@@ -497,76 +498,101 @@ def test_measuring_the_layout_leaves_the_global_generator_alone():
     # The layout is measured inside the first rollout of a process: a draw from torch's global generator there
     # made the first run of a seed sample differently from every later run of that seed in the same process.
     state = torch.get_rng_state()
-    rollout.measure_column_layout((96, 64), torch.float32)
+    assert rollout.measure_layout((96, 64), torch.float32) in rollout.LAYOUTS
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_layout_measured_on_a_machine_is_kept_for_every_later_process(tmp_path, monkeypatch):
-    # A timing near the threshold decided differently from one process to the next, and the two layouts round
+    # A timing near the threshold decided differently from one process to the next, and the layouts round
     # differently: two runs of one seed on one machine trained on different samples. The first answer is kept in
     # the cache and every later process (here: the uncached function) reads it instead of measuring again.
     monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    decide = rollout.column_layout_pays.__wrapped__
+    decide = rollout.layout_for.__wrapped__
     first = decide((96, 64), torch.float32)
-    kept = json.loads((tmp_path / "layouts.json").read_text())
+    kept = json.loads((tmp_path / "weight-layouts.json").read_text())
     assert list(kept.values()) == [first] and "96x64 float32" in next(iter(kept))
     key = next(iter(kept))
-    (tmp_path / "layouts.json").write_text(json.dumps({key: not first}))  # as if the first process had found that
-    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: pytest.fail("measured again"))
-    assert decide((96, 64), torch.float32) is (not first)
-    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: True)
-    assert decide((64, 96), torch.float32) is True  # a new shape is measured and added beside the kept one
-    assert sorted(json.loads((tmp_path / "layouts.json").read_text()).values()) == sorted([not first, True])
+    other = next(layout for layout in rollout.LAYOUTS if layout != first)
+    (tmp_path / "weight-layouts.json").write_text(json.dumps({key: other}))  # as if the first process had found that
+    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: pytest.fail("measured again"))
+    assert decide((96, 64), torch.float32) == other
+    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "columns")
+    assert decide((64, 96), torch.float32) == "columns"  # a new shape is measured and added beside the kept one
+    assert sorted(json.loads((tmp_path / "weight-layouts.json").read_text()).values()) == sorted([other, "columns"])
 
 
 def test_an_unreadable_layout_file_is_measured_again_and_rewritten(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    (tmp_path / "layouts.json").write_text('{"half a file": tr')
-    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: True)
-    assert rollout.column_layout_pays.__wrapped__((96, 64), torch.float32) is True
-    assert "layouts.json: not a file of weight layouts" in capsys.readouterr().err
-    assert list(json.loads((tmp_path / "layouts.json").read_text()).values()) == [True]
-    (tmp_path / "layouts.json").write_text('{"a shape": "yes"}')  # JSON, but not true/false
-    assert rollout.column_layout_pays.__wrapped__((64, 96), torch.float32) is True
-    assert "not a JSON object of true/false" in capsys.readouterr().err
+    (tmp_path / "weight-layouts.json").write_text('{"half a file": "pa')
+    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "packed")
+    assert rollout.layout_for.__wrapped__((96, 64), torch.float32) == "packed"
+    assert "weight-layouts.json: not a file of weight layouts" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "weight-layouts.json").read_text()).values()) == ["packed"]
+    for wrong in ('{"a shape": true}', '{"a shape": ["rows"]}', '["rows"]'):  # JSON, but not a layout per shape
+        (tmp_path / "weight-layouts.json").write_text(wrong)
+        assert rollout.layout_for.__wrapped__((64, 96), torch.float32) == "packed"
+        assert "not a JSON object of rows/columns/packed per weight shape" in capsys.readouterr().err
 
 
 def test_a_layout_file_that_cannot_be_written_costs_a_warning_and_leaves_nothing_behind(tmp_path, monkeypatch,
                                                                                         capsys):
     monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    (tmp_path / "layouts.json").mkdir()  # a folder where the file should be: it can be neither read nor replaced
-    monkeypatch.setattr(rollout, "measure_column_layout", lambda shape, dtype: False)
-    assert rollout.column_layout_pays.__wrapped__((96, 64), torch.float32) is False
+    (tmp_path / "weight-layouts.json").mkdir()  # a folder where the file should be: neither read nor replaced
+    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "rows")
+    assert rollout.layout_for.__wrapped__((96, 64), torch.float32) == "rows"
     err = capsys.readouterr().err
     assert "not a file of weight layouts" in err and "could not keep the measured weight layouts" in err
-    assert [p.name for p in tmp_path.iterdir()] == ["layouts.json"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["weight-layouts.json"]  # no temporary file left
 
 
-def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch):
-    # While decoding on a CPU a linear weight is stored column by column where that pays (rollout.decoding_layout,
-    # here forced for every weight): the same values, the same greedy trajectories, the output layer still tied to
-    # the input embedding, and every weight back in its usual layout afterwards (save_pretrained and the update see
-    # what they always saw).
+@pytest.mark.skipif(not rollout.packed_available(), reason="this torch has no oneDNN packed linear product")
+def test_the_packed_product_is_the_linear_layer_to_float_rounding():
+    # rollout._packed_linear stands in for nn.Linear's forward while a rollout runs where it measured fastest: the
+    # same products, with a bias and without, for any number of rows (a decode batch shrinks as rows finish) and
+    # for the 3-d inputs a transformer feeds it.
+    generator = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        layer = torch.nn.Linear(96, 160, bias=bias)
+        reordered = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 8)
+        for shape in ((1, 96), (3, 96), (8, 96), (17, 96), (2, 5, 96)):
+            x = torch.randn(shape, generator=generator)
+            with torch.no_grad():
+                assert torch.allclose(rollout._packed_linear(reordered, layer.bias, x), layer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [layout for layout in rollout.LAYOUTS if layout != "rows"
+                                    and (layout != "packed" or rollout.packed_available())])
+def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch, layout):
+    # While a rollout runs on a CPU a linear weight is stored column by column, or multiplied in oneDNN's packed
+    # format, where that pays (rollout.decoding_layout, here forced for every weight): the same values, the same
+    # greedy trajectories, the output layer still tied to the input embedding, and every weight and forward back as
+    # they were afterwards (save_pretrained and the update see what they always saw).
     model, tokenizer = embedded
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     strides = {name: p.stride() for name, p in model.named_parameters()}
-    monkeypatch.setattr(rollout, "column_layout_pays", lambda shape, dtype: True)  # whatever this CPU measured
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    monkeypatch.setattr(rollout, "layout_for", lambda shape, dtype: layout)  # whatever this CPU measured
     with rollout.decoding_layout(model):
         head = model.get_output_embeddings().weight
         assert head is model.get_input_embeddings().weight  # still one tensor
-        assert head.stride() == (1, head.shape[0]) and torch.equal(head, before["model.embed_tokens.weight"])
+        assert torch.equal(head, before["model.embed_tokens.weight"])
         moved = [name for name, p in model.named_parameters() if p.stride() != strides[name]]
-        # every linear layer's weight; the tied output layer's is named once, as model.embed_tokens.weight
-        assert len(moved) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        if layout == "columns":
+            assert head.stride() == (1, head.shape[0])
+            # every linear layer's weight; the tied output layer's is named once, as model.embed_tokens.weight
+            assert len(moved) == len(linears)
+        else:
+            assert not moved and all(isinstance(m.__dict__.get("forward"), functools.partial) for m in linears)
         assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert {name: p.stride() for name, p in model.named_parameters()} == strides
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not any("forward" in m.__dict__ for m in linears)
 
     registry = {"search": tools.search_tool(bm25, passage_chars=200)}
     examples = data.load_task("wiki", "test")[:3]
     config = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=48, max_total_tokens=1024, max_tool_calls=1)
     laid_out = rollout.rollout(model, tokenizer, examples, registry, config)
-    monkeypatch.setattr(rollout, "column_layout_pays", lambda shape, dtype: False)
+    monkeypatch.setattr(rollout, "layout_for", lambda shape, dtype: "rows")
     plain = rollout.rollout(model, tokenizer, examples, registry, config)
     assert sum(len(t.tool_calls) for t in plain) >= 2
     for a, b in zip(laid_out, plain):
