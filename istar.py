@@ -22,8 +22,14 @@ batch (rolling: it is the policy before this iteration's update, not a frozen re
     Eq. 5  combined          A(y) = A^E(τ) + α A^S(a_t) for every sampled token y of step a_t, α = 1
 
 One iteration: roll out; score outcomes; `ImplicitPRM.score_and_update` computes the PRM's log-probs, takes the step
-rewards from that forward pass, then takes one DPO step of the PRM (lr 1e-6); A^E and A^S combine (Eq. 5) into
-the advantages of the policy loss (PPO-clip, no KL: vspo.policy_loss with kl_beta=0).
+rewards from that forward pass, then takes one DPO step of the PRM; A^E and A^S combine (Eq. 5) into the advantages
+of the policy loss (PPO-clip, no KL: vspo.policy_loss with kl_beta=0).
+
+The PRM must learn faster than the policy moves (`prm_learning_rate`). r_φ is a log-ratio against π_θold, and π_θold
+is the policy, which learns from the same outcomes: a step the policy has come to prefer more than the PRM has gets a
+negative reward. The paper trains the PRM at 1e-6 and the policy at 5e-7, one optimizer step each per iteration, so
+the PRM moves twice as far per iteration as the policy. A PRM left at 1e-6 beside a policy at 2e-5 ranks failures
+above successes: its step rewards measure the policy's drift, with the sign that undoes what the policy learned.
 
 How it composes with the other two methods of this project:
 - PRS (prs.py), or any outcome reward: the reward feeds A^E as usual, and the `threshold` on it decides which
@@ -50,6 +56,26 @@ import torch
 import torch.nn.functional as F
 
 from vspo import broadcast_to_tokens, group_advantages
+
+# ---------------------------------------------------------------------------------------------------------------------
+# How fast the PRM learns
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def prm_learning_rate(policy_lr: float, policy_steps_per_iteration: int = 1, ratio: float = 2.0) -> float:
+    """The PRM's learning rate: `ratio` times the distance the policy moves per iteration, the policy's learning rate
+    times its optimizer steps per iteration (Adam moves each weight by about its learning rate per step).
+
+    The paper: policy 5e-7 with one optimizer step per iteration, PRM 1e-6 with one DPO step: ratio 2.
+
+    >>> prm_learning_rate(5e-7), prm_learning_rate(2e-5, policy_steps_per_iteration=2)
+    (1e-06, 8e-05)
+    """
+    # OUR READING: the paper gives the two rates for its setup, not a rule; we keep the ratio of how far each model
+    # moves per iteration, since the step reward compares the two. A PRM at half the policy's pace ranks failed steps
+    # above successful ones on a controlled task (tests/test_istar.py); at twice the pace it ranks them right.
+    return ratio * policy_lr * policy_steps_per_iteration
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Steps and implicit step rewards (Eq. 1)
@@ -221,7 +247,8 @@ class ImplicitPRM:
     """The implicit PRM π_φ, its AdamW optimizer and the iStar settings (METHOD.md §4.2).
 
     model          π_φ, a causal LM with the policy's tokenizer, trained here and nowhere else
-    lr             the PRM's learning rate (the paper: 1e-6)
+    lr             the PRM's learning rate: twice as fast as the policy moves (prm_learning_rate; the paper: 1e-6
+                   beside a policy at 5e-7); restoring a state_dict keeps it
     beta           β of Eq. 1 and Eq. 2 (the paper: 0.05)
     threshold      a trajectory is a success for the DPO pairs when its outcome reward is above it
     max_grad_norm  the PRM's gradient is clipped to this global norm before its step
@@ -264,7 +291,7 @@ class ImplicitPRM:
         # code builds on; the paper gives only the learning rate.
         # OUR READING: the PRM scores tokens at the temperature old_logprobs were computed at (the sampling one), so
         # log π_φ − log π_θold is exactly 0 while φ = θ_old.
-        self.model = model
+        self.model, self.lr = model, lr
         self.beta, self.threshold, self.max_grad_norm, self.temperature = beta, threshold, max_grad_norm, temperature
         self.logprobs_fn = logprobs_fn or _response_logprobs_at(temperature)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
@@ -293,9 +320,17 @@ class ImplicitPRM:
         outcome_rewards, group_ids: [N]; step_ids: [N, R] from step_index.
 
         Returns (step_rewards [N, S], step_mask [N, S], diagnostics). The step rewards come from the PRM as it was
-        before this call's update, as in the authors' code. Diagnostics, floats: dpo_loss, pair_accuracy (share of
-        pairs with z⁺ > z⁻; NaN without pairs), pairs, step_reward_mean (over real steps), all four from before the
-        update; grad_norm (before clipping) and skipped (1.0 when the batch had no pair and the PRM did not move).
+        before this call's update, as in the authors' code. Diagnostics (floats, all from before the update), to tell
+        credit from drift:
+            dpo_loss, pairs       Eq. 2's loss and its number of pairs
+            pair_accuracy         share of pairs with z⁺ > z⁻ (NaN without pairs): below 0.5 is reversed credit
+            outcome_correlation   within groups, between a trajectory's summed step rewards β z(τ) and its
+                                  outcome reward (NaN where either is constant): below 0, the PRM prefers failures
+            log_ratio_mean        mean of log π_φ − log π_θold over sampled tokens, −KL(π_θold ‖ π_φ) estimated on
+                                  π_θold's samples: negative step after step means the policy moves away from the
+                                  PRM faster than the PRM learns (drift), not that the PRM learned something
+            step_reward_mean      over real steps
+            grad_norm, skipped    the PRM's gradient norm before clipping; 1.0 when no pair left it unmoved
 
         The DPO loss couples trajectories of different micro-batches, so the update runs in two passes. Pass 1, no
         gradients: the log-probs of every micro-batch give z, the step rewards and dL/dz (autograd on z as a leaf
@@ -311,10 +346,14 @@ class ImplicitPRM:
         loss = dpo_loss(log_ratio, pairs, self.beta)
         loss.backward()  # log_ratio.grad = dL/dz, [N]
         wins = log_ratio[pairs[:, 0]] > log_ratio[pairs[:, 1]]  # [P]
+        sampled = batch.loss_mask.bool()  # [N, R]
         diagnostics = {
             "dpo_loss": loss.item(),
             "pair_accuracy": wins.float().mean().item() if len(pairs) else math.nan,
             "pairs": float(len(pairs)),
+            "outcome_correlation": within_group_correlation(self.beta * log_ratio.detach(), outcome_rewards,
+                                                            group_ids),
+            "log_ratio_mean": (prm_logprobs - old_logprobs)[sampled].mean().item() if sampled.any() else 0.0,
             "step_reward_mean": rewards[step_mask].mean().item() if step_mask.any() else 0.0,
             "grad_norm": 0.0,
             "skipped": float(len(pairs) == 0),
@@ -358,8 +397,36 @@ class ImplicitPRM:
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned, into a PRM built on the saved model."""
+        """Restore what state_dict returned, into a PRM built on the saved model; the learning rate stays this PRM's."""
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+
+def within_group_correlation(scores: torch.Tensor, outcomes: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Pearson correlation of scores [N] and outcomes [N] after subtracting each group's means: how well the scores
+    order trajectories within their group, which is all Eq. 4 compares. NaN outcomes (unscored) are left out; NaN
+    where either side is constant within every group.
+
+    Below, group 1's scores are all higher than group 0's, which does not count: within each group the success scores
+    1 above the failure, a perfect order.
+
+    >>> within_group_correlation(torch.tensor([0.5, -0.5, 5.5, 4.5]), torch.tensor([1.0, 0.0, 1.0, 0.0]),
+    ...                          torch.tensor([0, 0, 1, 1]))
+    1.0
+    """
+    scored = ~outcomes.isnan()  # [N]
+    scores, outcomes, group_ids = scores[scored].double(), outcomes[scored].double(), group_ids[scored]
+    _, index = group_ids.unique(return_inverse=True)  # [n] group of each row, 0..g-1
+
+    def centred(values):  # [n] minus the mean of the row's group
+        sums = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=values.dtype).index_add_(0, index, values)
+        counts = torch.bincount(index, minlength=len(sums)).to(values.dtype)
+        return values - (sums / counts)[index]
+
+    x, y = centred(scores), centred(outcomes)
+    norm = (x.square().sum() * y.square().sum()).sqrt()
+    return (x * y).sum().div(norm).item() if norm > 1e-12 else math.nan
 
 
 def _response_logprobs_at(temperature: float):

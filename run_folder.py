@@ -168,9 +168,7 @@ def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
     state.generator.set_state(tensors["generator"])
     if prm:
-        prm.load_state_dict(tensors["prm_optimizer"])
-        for group in prm.optimizer.param_groups:
-            group["lr"] = args.istar_lr
+        prm.load_state_dict(tensors["prm_optimizer"])  # at the PRM's learning rate, from args
     state.step = saved["step"]
     state.stream = PromptStream(state.stream.examples, state.stream.seed, **saved["stream"])
     state.buffer = ValueBuffer.from_state_dict(saved["buffer"] | {"ema_alpha": args.value_ema})
@@ -465,6 +463,8 @@ PLOTS = (  # panel title -> metrics drawn in it
     ("dead groups and replacements", ("dead_fraction", "dead_in_batch", "extra_rollouts_per_prompt")),
     ("policy update", ("kl_ref", "approx_kl", "clip_fraction")),
     ("response length (tokens)", ("response_tokens",)),
+    ("iStar PRM, before its update", ("istar_pair_accuracy", "istar_outcome_correlation", "istar_dpo_loss",
+                                      "istar_log_ratio_mean")),
 )
 
 
@@ -478,8 +478,12 @@ def plot(folder: Path) -> Path:
     if not (folder / "metrics.jsonl").exists():
         raise UsageError(f"--plot-only {folder}: no metrics.jsonl there")
     rows = read_jsonl(folder / "metrics.jsonl")
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for axis, (title, names) in zip(axes.flat, PLOTS):
+    panels = [(title, names) for title, names in PLOTS if any(name in row for row in rows for name in names)]
+    columns = max(1, (len(panels) + 1) // 2)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, (title, names) in zip(axes.flat, panels):
         for name in names:
             points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
             if points:

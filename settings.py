@@ -92,8 +92,10 @@ class TrainArgs(AgentArgs):
     resample_rounds: int = arg(1, "rounds of replacement rollouts for dead groups per step", low=0)
     value_ema: float = arg(0.5, "weight of the newest task value in the buffer's moving average", above=0, high=1)
     success_threshold: float = arg(0.5, "iStar: a trajectory whose reward is above this is a success", low=0, below=1)
-    istar_lr: float = arg(1e-6, "iStar: learning rate of the implicit PRM (the paper: 1e-6, the same as its "
-                                "policy's; README compares both choices)", above=0)
+    istar_lr: float = arg(0.0, "iStar: learning rate of the implicit PRM (default 0: 2 x --lr x --mini-batches, "
+                               "twice as fast as the policy moves per step, as in the paper: PRM 1e-6, policy 5e-7 "
+                               "with one optimizer step; the step reward is a log-ratio against the moving policy, "
+                               "so the PRM must outpace it)", low=0)
     istar_beta: float = arg(0.05, "iStar: beta of the step rewards and the DPO loss (the paper: 0.05)", above=0)
     istar_alpha: float = arg(1.0, "iStar: weight of the step advantages (the paper: 1)", low=0)
     gradient_checkpointing: str = arg("auto", "auto (on for CUDA), on or off", choices=("auto", "on", "off"))

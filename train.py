@@ -348,13 +348,12 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
     reference = None
     if args.kl_beta > 0 and args.credit == "outcome":  # iStar uses no KL (METHOD.md §4)
         reference = models.load_model(args.model, device=device, dtype=dtype, cache=cache)[0]
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = policy_optimizer(args, policy)
     prm = None
     if args.credit == "istar":
-        settings = dict(lr=args.istar_lr, beta=args.istar_beta, threshold=args.success_threshold,
-                        temperature=args.temperature)
         prm = (istar.ImplicitPRM(models.load_model(str(checkpoint / "prm"), device=device, cache=cache)[0],
-                                 **settings) if checkpoint else istar.ImplicitPRM.from_policy(policy, **settings))
+                                 **prm_settings(args)) if checkpoint else
+               istar.ImplicitPRM.from_policy(policy, **prm_settings(args)))
         if checkpointing:  # transformers checkpoints only in training mode, and the PRM is trained every step
             models.enable_gradient_checkpointing(prm.model)
             prm.model.train()
@@ -374,6 +373,17 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
               {e.id: e for e in train_examples}, eval_examples, config, eval_config,
               dtype if dtype != torch.float32 else None)
     return run, state
+
+
+def policy_optimizer(args: TrainArgs, policy) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+def prm_settings(args: TrainArgs) -> dict:
+    """istar.ImplicitPRM's settings from the flags: by default it learns twice as fast as the policy moves per step
+    (--lr times --mini-batches optimizer steps; istar.prm_learning_rate)."""
+    return dict(lr=args.istar_lr or istar.prm_learning_rate(args.lr, args.mini_batches), beta=args.istar_beta,
+                threshold=args.success_threshold, temperature=args.temperature)
 
 
 def evaluate(run: Run) -> dict:

@@ -178,7 +178,16 @@ def summarise(cell: str, seed: int, flags: list[str], folder: Path, cost: dict) 
     evaluation = json.loads((folder / "eval" / "metrics.json").read_text())
     return {"cell": cell, "seed": seed, "flags": flags, "steps": steps, "eval": evaluation,
             "train_wall_s": cost["train_wall_s"], "eval_wall_s": cost["eval_wall_s"], "cpu_s": cost["cpu_s"],
-            "machine": machine()}
+            "machine": machine(), "commit": commit()}
+
+
+def commit() -> str:
+    """The commit of the code that ran (with "+changes" where the checkout differs from it)."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> str:

@@ -10,6 +10,7 @@ import doctest
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import istar
+import prs
+import train
 from data import Example
 from istar import (
     ImplicitPRM,
@@ -28,8 +31,9 @@ from istar import (
     step_rewards,
     trajectory_log_ratio,
 )
+from settings import TrainArgs, algorithm_of
 from rollout import Trajectory, collate, recompute_logprobs, response_logprobs
-from vspo import broadcast_to_tokens
+from vspo import ValueBuffer, broadcast_to_tokens
 
 FAST = settings(deadline=None, max_examples=40)
 
@@ -416,3 +420,58 @@ def test_state_dict_round_trip_through_a_saved_prm_folder(tiny, toy, tmp_path):
         each.score_and_update(batch, old_logprobs, rewards, group_ids, step_ids)
     assert torch.equal(weights(restored.model), weights(prm.model))
     assert restored.optimizer.state_dict()["state"][0]["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A controlled task: the PRM against a policy that learns between its updates, as in train.py
+# ---------------------------------------------------------------------------------------------------------------------
+SUCCESS_STEP, FAILURE_STEP = [4500, 4501, 4502, 4503], [4600, 4601, 4602, 4603]
+
+
+def decided_groups(generator, count=2, size=5):
+    """train.Group's of hand-made trajectories whose second step decides the outcome: every trajectory opens with a
+    step of 5 random tokens, then a 4-token tool response, then SUCCESS_STEP (reward 1) or FAILURE_STEP (reward 0);
+    1 to 4 of a group's 5 succeed."""
+    groups = []
+    for group_id in range(count):
+        successes = int(torch.randint(1, size, (1,), generator=generator))
+        trajectories = []
+        for i in range(size):
+            own, first, tool = (torch.randint(2000, 40000, (n,), generator=generator).tolist() for n in (3, 5, 4))
+            response = first + tool + (SUCCESS_STEP if i < successes else FAILURE_STEP)
+            trajectories.append(Trajectory(EXAMPLE, group_id, PREFIX + own, response, [1] * 5 + [0] * 4 + [1] * 4,
+                                           [0.0] * len(response), [(0, 5), (9, 13)]))
+        group = train.Group(EXAMPLE, trajectories)
+        group.results = [prs.RewardResult(float(i < successes), {}, None) for i in range(size)]
+        groups.append(group)
+    return groups
+
+
+def test_the_prm_keeps_up_with_a_moving_policy_and_credits_the_step_that_decided(tiny):
+    # The default settings, and train.py's own steps: a batch (π_θold recomputed), the step rewards and one PRM step,
+    # the advantages, the policy's update. The policy learns the deciding step from the episode advantage too; a PRM
+    # slower than it (the paper's absolute 1e-6 beside a policy at 2e-5) measures that drift and credits the failure
+    # step (held-out pair accuracy 0.02, success step A^S -1.2, failure step +0.6).
+    args = TrainArgs(credit="istar")
+    policy = copy.deepcopy(tiny[0])
+    prm = ImplicitPRM.from_policy(policy, **train.prm_settings(args))
+    run = train.Run(args, algorithm_of(args), policy, tiny[1], None, prm, train.policy_optimizer(args, policy),
+                    {}, None, {}, [], None, None, None)
+    state = train.State(None, ValueBuffer(), np.random.default_rng(0), torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        batch = train.make_batch(run, decided_groups(generator))
+        credit, _ = train.implicit_step_rewards(run, batch)
+        train.update(run, state, batch, train.advantages(run, batch, credit))
+    wins = pairs = 0
+    success, failure = [], []
+    for _ in range(4):  # held-out batches, scored by a copy of the PRM so that they teach it nothing
+        batch = train.make_batch(run, decided_groups(generator))
+        credit, diagnostics = train.implicit_step_rewards(copy.deepcopy(run), batch)
+        wins += diagnostics["istar_pair_accuracy"] * diagnostics["istar_pairs"]
+        pairs += diagnostics["istar_pairs"]
+        advantages = step_advantages(credit.step_rewards, credit.step_mask, batch.group_ids)  # [N, 2]
+        for row, reward in enumerate(batch.rewards.tolist()):
+            (success if reward == 1.0 else failure).append(advantages[row, 1].item())
+    figures = (wins / pairs, statistics.fmean(success), statistics.fmean(failure))
+    assert figures[0] >= 0.9 and figures[1] > 0.5 and figures[2] < -0.5, figures

@@ -488,7 +488,7 @@ def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
 # Nothing crashes, nothing is lost
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag, value, message", [
-    ("--istar-lr", "-1", "--istar-lr -1.0: must be above 0"),
+    ("--istar-lr", "-1", "--istar-lr -1.0: must be at least 0"),
     ("--max-grad-norm", "-1", "--max-grad-norm -1.0: must be above 0"),
     ("--max-grad-norm", "0", "--max-grad-norm 0.0: must be above 0"),
     ("--lr", "inf", "--lr inf: must be a finite number above 0"),
