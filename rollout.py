@@ -14,10 +14,10 @@ The loop, in rounds:
      tokenized on its own and appended with loss mask 0; the others are finished;
   3. repeat with the trajectories that are still active.
 The system message and worked example open every prompt; their keys and values are computed once per rollout and
-shared by every row (on a CPU that prefix is most of the prompt's cost). Each trajectory keeps the keys and values
-of everything it has encoded from one round to the next, so a round encodes only what is new: the tool response and
-the last sampled token. Rows leave and rejoin the batch freely; each round lays the kept caches out side by side
-again, with padding the attention mask hides. kv_cache.py holds that machinery; this file the loop around it.
+copied into every row (that prefix is most of a prompt). Rows leave the batch as their segments end and come back in
+the next round, encoded again with whatever they gained; padding the attention mask hides lets rows of any length
+share a batch. kv_cache.py holds the keys and values; this file the loop around them. Nothing here is tuned for a
+kind of CPU.
 
 Token-in, token-out: the sampled ids are kept exactly as they were sampled; only the new tool text is tokenized.
 Sampled text is never decoded and re-encoded (peers' mask and drift bugs, METHOD.md §6).
@@ -33,35 +33,24 @@ gradients in micro-batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
-import os
-import platform
-import statistics
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-import assets
 import kv_cache
 import tools as tool_lib
-from data import Example
+
+if TYPE_CHECKING:  # annotations only: rollout.py runs without data.py (any object with .question will do)
+    from data import Example
 
 STOP_STRINGS = {tool_lib.TOOL_CALL_CLOSE: "tool_call", tool_lib.ANSWER_CLOSE: "answer"}
 STOP_REASONS = ("answer", "eos", "length", "max_tool_calls")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Settings and records
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Settings and records ----
 @dataclass
 class RolloutConfig:
     group_size: int = 5
@@ -82,13 +71,6 @@ class RolloutConfig:
     """the most trajectories sampled together in one batch (bounds memory)"""
     few_shot: bool = True
     """put one worked example (question, search, answer) in the prompt; small models need it to use the format"""
-    refill_below: float = 0.25
-    """a round stops early once fewer than this fraction of its rows are still sampling while others wait to go on
-    after a tool call; the unfinished segments continue in the next round with them (0: every round runs to the end)"""
-    keep_cache: bool = True
-    """keep each trajectory's keys and values from one round to the next, so a round encodes only what is new (the
-    tool response, the last sampled token); False encodes each trajectory's whole context again every round (the
-    simpler path, which tests compare this one with)"""
 
 
 @dataclass
@@ -119,9 +101,7 @@ class Trajectory:
         return self.stop_reason is not None
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The prompt
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The prompt ----
 SYSTEM_PROMPT = """You are a research assistant. You answer questions by searching Wikipedia.
 
 You can call these tools (JSON signatures):
@@ -177,9 +157,7 @@ def prompts_without_room(tokenizer, examples: Sequence[Example], tools, config: 
     return over
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# One round of generation: a plain sampling loop over the active rows
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- One round of generation: a plain sampling loop over the active rows ----
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
@@ -218,7 +196,7 @@ class SharedPrefix:
 
 
 class Segment:
-    """One model segment being sampled, possibly over several rounds: its tokens, their log-probs, and why it ended.
+    """One model segment being sampled: its tokens, their log-probs, and why it ended.
 
     It ends at the token that completes a stop string, at EOS, or at its token budget. Each token is decoded on its
     own and added to a short tail of text; the stop strings are ASCII, and an ASCII character is one byte in any
@@ -249,13 +227,7 @@ class Segment:
 
 def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Next token per row from scores [batch, vocab]: argmax at temperature 0, else a draw from softmax(scores / T)
-    restricted to the smallest set of tokens whose probability reaches top_p.
-
-    The draw inverts the cumulative distribution: one uniform number u per row, and the token whose interval
-    [c_{i-1}, c_i) of the running sum holds u. That is the same distribution as torch.multinomial, which on a CPU
-    draws an exponential variate for every token of the vocabulary (6.1 ms for 6 rows of 49,152 tokens, against
-    0.1 ms here: 7% of a decode step of the embedded model). The running sum is taken in float64, so the intervals'
-    rounding (~1e-12) moves no measurable mass; a token of probability 0 has an empty interval and is never drawn."""
+    restricted to the smallest set of tokens whose probability reaches top_p."""
     if temperature == 0:
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores / temperature, dim=-1)  # [batch, vocab]
@@ -263,45 +235,32 @@ def sample(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tens
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # [batch, vocab]
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    cumulative = probs.double().cumsum(dim=-1)  # [batch, vocab] c_i
-    total = cumulative[:, -1:]  # [batch, 1] c_V
-    u = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * total  # [batch, 1]
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # the product can round up to c_V
-    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)  # [batch] the first i with c_i > u
+    return torch.multinomial(probs, 1).squeeze(-1)  # [batch]
 
 
 @torch.no_grad()
 def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segments: Sequence[Segment],
-                      config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=(),
-                      kept: Sequence[kv_cache.RowCache | None] | None = None) -> list[kv_cache.RowCache]:
+                      config: RolloutConfig, prefix_length: int = 0, prefix=None, logits_processors=()) -> None:
     """One round: every context samples the continuation of its segment, all together with a KV cache.
 
-    First every context's new tokens are encoded (`encode`, rows of similar lengths together); then all rows decode
-    together, one token per step. Adds to each segment the sampled tokens and log π(token) under the tempered policy
-    softmax(logits / T), recorded before any `logits_processors` (callables (ids [batch, width], scores [batch,
-    vocab]) -> scores, as in transformers; they see each row's whole context) so they are the model's own. A row
-    whose segment ends leaves the batch at once. Once fewer than `config.refill_below` of the rows are still
-    sampling while others wait to go on after a tool call, the round stops: the unfinished segments continue in the
-    next round, together with those, instead of decoding a long tail at batch size 1 or 2.
+    First every context is encoded (kv_cache.encode: the shared prefix copied in, each row's own tokens after it);
+    then all rows decode together, one token per step. Adds to each segment the sampled tokens and log π(token) under
+    the tempered policy softmax(logits / T), recorded before any `logits_processors` (callables (ids [batch, width],
+    scores [batch, vocab]) -> scores, as in transformers; they see each row's whole context) so they are the model's
+    own. A row whose segment ends leaves the batch at once; the round ends when the last one does.
 
     The first `prefix_length` tokens must be the same in every context; their keys and values are `prefix` (a cache
-    of one row, from prefix_cache), or are computed once here. `kept[i]` holds the keys and values of context i's
-    tokens after the prefix that an earlier round already encoded (None: none); only the rest of the context is
-    encoded. Returns every row's keys and values after the prefix at the end of the round: all of its context but
-    the last sampled token, whose keys and values the next round computes.
+    of one row, from kv_cache.prefix_cache), or are computed once here.
     """
     if prefix is None and prefix_length:
         prefix = kv_cache.prefix_cache(model, torch.tensor([contexts[0][:prefix_length]], device=model.device), rows=1)
-    kept = list(kept) if kept is not None else [None] * len(contexts)
-    kept = kv_cache.encode(model, contexts, kept, prefix, prefix_length, tokenizer.pad_token_id)
-    cache, mask = kv_cache.batch_cache(prefix, kept, prefix_length, room=config.max_new_tokens + 1)  # [B, P + W]
+    cache, mask = kv_cache.encode(model, contexts, prefix, prefix_length, tokenizer.pad_token_id)  # mask [B, P + W]
     step_ids = torch.tensor([[context[-1]] for context in contexts], device=model.device)  # [B, 1]
-    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1).to(model.device)  # [B, P + W + 1]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, P + W + 1]
     step_positions = mask.sum(dim=1, keepdim=True) - 1  # [B, 1]
     ids = kv_cache.pad_batch(contexts, tokenizer.pad_token_id, prefix_length)[0].to(model.device)  # what processors see
     temperature = config.temperature or 1.0
     rows = list(range(len(contexts)))  # index in `segments` of each row still sampling
-    out: list[kv_cache.RowCache | None] = [None] * len(contexts)
     while rows:
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
                        **kv_cache.with_cache(model, cache), use_cache=True).logits[:, -1].float()  # [active, vocab]
@@ -313,14 +272,6 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
         token_logprobs = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [active]
         keep = [i for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), token_logprobs.tolist()))
                 if not segments[row].add(token, logprob)]
-        waiting = sum(segment.reason == "tool_call" for segment in segments)
-        pause = waiting and len(keep) < config.refill_below * len(contexts)
-        staying = set(keep)
-        for i, row in enumerate(rows):
-            if pause or i not in staying:  # leaving the batch: keep what it encoded for the next round
-                out[row] = kv_cache.row_cache(cache, mask, i, prefix_length)
-        if pause:
-            return out
         step_positions = step_positions + 1  # [active, 1] the new token's position
         ids = torch.cat([ids, tokens[:, None]], dim=1)  # [active, width + 1]
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)  # [active, P + W + steps + 1]
@@ -330,196 +281,15 @@ def generate_segments(model, tokenizer, contexts: Sequence[Sequence[int]], segme
             cache.batch_select_indices(index)
             ids, mask, step_ids, step_positions = ids[index], mask[index], step_ids[index], step_positions[index]
             rows = [rows[i] for i in keep]
-    return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The tool loop
-# ----------------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def decoding_layout(model):
-    """During a rollout on a CPU, each linear layer multiplies by its weight in whichever of three layouts makes a
-    decode step's product (a few rows, one token per trajectory) clearly fastest on this machine (`layout_for`,
-    measured once per machine for each weight shape):
-
-        rows      as stored, [out, in] row by row: `x @ W.T`, as nn.Linear computes it, through MKL
-        columns   the same [out, in] values stored column by column (the transpose contiguous), through MKL
-        packed    a copy of the weight reordered into oneDNN's blocked format for products with few rows
-                  (torch.ops.mkldnn._reorder_linear_weight), multiplied by oneDNN (_linear_pointwise): the layer's
-                  forward is that product while the rollout runs
-
-    The values stay the same (results may differ in the last bits of a float, as with any other kernel), and the
-    usual layout and forward are back on leaving.
-
-    Why: how fast a product of a few rows by a weight runs depends on the CPU, the library, the weight's shape and
-    layout. On an AVX2 machine, 16 rows by a weight stored row by row took 767 µs against 198 µs stored column by
-    column for a 1536 x 576 layer. On an Intel Xeon with AVX-512 some shapes gained from columns (8 rows by 576 x
-    576: 59 against 18 µs) and others did not. On an AMD EPYC (Zen 4), where MKL's kernels for few rows are slow,
-    oneDNN's packed product of 10 rows took 4.9 ms against 26.4 ms by the 49152 x 576 output layer and 0.15
-    against 0.33 ms by 1536 x 576, and a decode step of 10 rows ran in 82 ms against 125 ms. So it is measured,
-    not assumed. A packed copy costs the memory of the weights it packs while the rollout runs; the update never
-    sees it (it runs outside, and needs gradients, which the packed product has not). Encoding many tokens at
-    once runs through the same products as decoding, and a GPU needs none of this, so it is done only here, only
-    on a CPU. A tied input embedding shares the output layer's weight: its lookups read the column layout as well,
-    and the packed copy is the output layer's alone."""
-    moved, packed = {}, []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not (isinstance(module, torch.nn.Linear) and weight.device.type == "cpu" and weight.dim() == 2
-                and weight.is_floating_point() and weight.is_contiguous()):
-            continue
-        layout = layout_for(tuple(weight.shape), weight.dtype)
-        if layout == "columns":
-            moved[id(weight)] = weight
-        elif layout == "packed" and packed_available() and "forward" not in module.__dict__:  # (a forward set
-            # on the module itself, by a hook, is left alone)
-            reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
-            module.forward = functools.partial(_packed_linear, reordered, module.bias)
-            packed.append(module)
-    for weight in moved.values():
-        weight.data = weight.data.t().contiguous().t()  # the same [out, in] values, stored [in, out]
-    try:
-        yield
-    finally:
-        for weight in moved.values():
-            weight.data = weight.data.contiguous()
-        for module in packed:
-            del module.forward  # nn.Linear's own forward again
-
-
-def _packed_linear(reordered: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """x @ W.T (+ bias) with W in oneDNN's blocked format (from _reorder_linear_weight)."""
-    return torch.ops.mkldnn._linear_pointwise(x, reordered, bias, "none", [], "")
-
-
-LAYOUTS = ("rows", "columns", "packed")
-
-
-def packed_available() -> bool:
-    """Whether this torch has oneDNN's packed linear product (CPU builds with oneDNN have it since torch 2.0)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-@functools.cache
-def layout_for(shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """The layout (LAYOUTS) in which 8 rows (a decode step's batch) by a weight of `shape` [out, in] run clearly
-    fastest on this CPU: measured once per machine (`measure_layout`) and kept in the cache folder's
-    `weight-layouts.json`, one entry per CPU model, torch version, thread count, shape and dtype.
-
-    Why kept: the layouts run different kernels, which round differently in the last bits, and a timing near a
-    threshold decides one way in one process and the other way in the next (on one Xeon the output layer measured
-    0.70 to 0.87 of the row layout's time in four processes, against a threshold of 0.8). At temperature 0.7 such
-    a difference flips a sampled token sooner or later, so two runs of one seed on one machine would train on
-    different samples. With the answer kept, every later process lays the weights out as the first one did, and
-    repeats its numbers exactly. A cache that cannot be read is measured again and rewritten (with a warning); one
-    that cannot be written leaves the answer to this process."""
-    key = (f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-           f"{shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')}")
-    try:
-        path = assets.cache_dir() / "weight-layouts.json"
-    except assets.AssetError as error:
-        print(f"warning: the weight layouts measured on this machine are not kept ({error})", file=sys.stderr)
-        return measure_layout(shape, dtype)
-    known = _read_layouts(path)
-    if key not in known:
-        layout = measure_layout(shape, dtype)
-        known = _read_layouts(path) | {key: layout}  # read again: another process may have added its shapes meanwhile
-        _write_layouts(path, known)
-    return known[key]
-
-
-def measure_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """The fastest layout for 8 rows by a weight of `shape`: "rows" unless another takes below 0.8 of its time
-    (0.8 since laying a weight out costs a copy of it per rollout); the median of 15 to 201 products each, after a
-    warm-up (about 2 s in all for the embedded model, most of it its output layer). Its random operands come from a
-    generator of its own: a draw from torch's global one would shift the sampling of the run that measures, and
-    only that run."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(8, shape[1], dtype=dtype, generator=generator)
-    weight = torch.randn(shape, dtype=dtype, generator=generator)
-    products = {"rows": functools.partial(torch.nn.functional.linear, x, weight),
-                "columns": functools.partial(torch.nn.functional.linear, x, weight.t().contiguous().t())}
-    if packed_available():
-        try:
-            products["packed"] = functools.partial(
-                _packed_linear, torch.ops.mkldnn._reorder_linear_weight(weight, 8), None, x)
-            products["packed"]()
-        except RuntimeError:  # this dtype or CPU is not one oneDNN's product takes
-            del products["packed"]
-
-    def seconds(product):
-        start = time.perf_counter()
-        product()
-        return time.perf_counter() - start
-
-    warm = {layout: min(seconds(product) for _ in range(3)) for layout, product in products.items()}
-    # Taken in turns, so that a slower moment of the machine falls on every layout alike; a small weight's product
-    # takes microseconds, and more of them are needed for its median to hold still from one process to the next.
-    rounds = min(201, max(15, int(0.05 / warm["rows"])))
-    times = {layout: [] for layout in products}
-    for _ in range(rounds):
-        for layout, product in products.items():
-            times[layout].append(seconds(product))
-    medians = {layout: statistics.median(taken) for layout, taken in times.items()}
-    fastest = min(medians, key=medians.get)
-    return fastest if medians[fastest] < 0.8 * medians["rows"] else "rows"
-
-
-def _read_layouts(path: Path) -> dict[str, str]:
-    """weight-layouts.json as {key: layout}; {} when it is missing, and when it is not such a file (with a
-    warning)."""
-    try:
-        known = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as error:
-        print(f"warning: {path}: not a file of weight layouts ({error}); measuring them again", file=sys.stderr)
-        return {}
-    if not (isinstance(known, dict) and all(v in LAYOUTS for v in known.values())):
-        print(f"warning: {path}: not a JSON object of {'/'.join(LAYOUTS)} per weight shape; measuring them again",
-              file=sys.stderr)
-        return {}
-    return known
-
-
-def _write_layouts(path: Path, known: dict[str, str]) -> None:
-    """Replace weight-layouts.json atomically (a reader sees the old file or the new one, never half of one); a
-    failure is a warning, and leaves no temporary file behind."""
-    temporary = None
-    try:
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".layouts-", delete=False) as handle:
-            temporary = Path(handle.name)
-            json.dump(known, handle, indent=1, sort_keys=True)
-        os.replace(temporary, path)
-    except OSError as error:
-        print(f"warning: {path}: could not keep the measured weight layouts ({error})", file=sys.stderr)
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module knows of it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
+# ---- The tool loop ----
 @torch.no_grad()
 def rollout(model, tokenizer, examples: Sequence[Example], tools: Mapping[str, tool_lib.Tool], config: RolloutConfig,
             *, first_group_id: int = 0, logits_processors=(), progress=None) -> list[Trajectory]:
     """G trajectories for each example, in order: example 0's G, then example 1's, ... Example i gets group id
     first_group_id + i (the same for its G samples, distinct across examples). `progress(done)`, when given, hears
     after every round how many trajectories have finished."""
-    with decoding_layout(model):
-        return _rollout(model, tokenizer, examples, tools, config, first_group_id, logits_processors, progress)
-
-
-def _rollout(model, tokenizer, examples, tools, config, first_group_id, logits_processors, progress):
     trajectories = []
     for index, example in enumerate(examples):
         ids = prompt_ids(tokenizer, example.question, tools, config)
@@ -533,26 +303,15 @@ def _rollout(model, tokenizer, examples, tools, config, first_group_id, logits_p
     prefix_ids = torch.tensor([trajectories[0].prompt_ids[:prefix_length]], device=model.device)
     prefix = kv_cache.prefix_cache(model, prefix_ids, rows=1) if prefix_length else None  # encoded once per rollout
     eos_ids = _eos_ids(model, tokenizer)
-    open_segments: dict[int, Segment] = {}  # trajectory index -> the segment it is sampling
-    kept: dict[int, kv_cache.RowCache] = {}  # trajectory index -> the keys and values it has encoded so far
-    while active := [i for i, t in enumerate(trajectories) if not t.done]:
+    while active := [i for i, t in enumerate(trajectories) if not t.done]:  # a round: every active one's next segment
         for start in range(0, len(active), config.batch_size):
-            chunk = active[start:start + config.batch_size]
-            for i in chunk:
-                used = len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids)
-                budget = min(config.max_new_tokens, config.max_total_tokens - used)
-                open_segments.setdefault(i, Segment(tokenizer, budget, eos_ids))
-            contexts = [trajectories[i].prompt_ids + trajectories[i].response_ids + open_segments[i].ids
-                        for i in chunk]
-            encoded = generate_segments(model, tokenizer, contexts, [open_segments[i] for i in chunk], config,
-                                        prefix_length, prefix, logits_processors, [kept.get(i) for i in chunk])
-            for i, encoded_i in zip(chunk, encoded):
-                if open_segments[i].reason is not None:
-                    _continue(trajectories[i], open_segments.pop(i), tokenizer, tools, config)
-                if config.keep_cache and not trajectories[i].done:
-                    kept[i] = encoded_i
-                else:
-                    kept.pop(i, None)
+            chunk = [trajectories[i] for i in active[start:start + config.batch_size]]
+            segments = [Segment(tokenizer, min(config.max_new_tokens, config.max_total_tokens - len(t.prompt_ids)
+                                               - len(t.response_ids)), eos_ids) for t in chunk]
+            generate_segments(model, tokenizer, [t.prompt_ids + t.response_ids for t in chunk], segments, config,
+                              prefix_length, prefix, logits_processors)
+            for trajectory, segment in zip(chunk, segments):
+                _continue(trajectory, segment, tokenizer, tools, config)
             if progress is not None:
                 progress(sum(t.done for t in trajectories))
     for trajectory in trajectories:
@@ -600,9 +359,7 @@ def _last_call(segment_text: str, tools) -> tool_lib.ToolCall:
     return tool_lib.parse_tool_call(bodies[-1], tools)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Tensors for the update, and log-probs under any model
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Tensors for the update, and log-probs under any model ----
 @dataclass
 class TokenBatch:
     """Trajectories as tensors. The full sequences are laid out [shared prefix | padding | own tokens] (pad_batch);

@@ -12,11 +12,14 @@
         checkpoints/latest          the name of the newest whole checkpoint
         checkpoints/step-000008/    a save_pretrained folder (transformers and vLLM load it as it is), plus
                                     trainer_state.json (step, data position, value buffer, settings: JSON),
-                                    optimizer.pt (optimizer and RNG states: tensors), and prm/ for iStar
+                                    optimizer.pt (optimizer and RNG states: tensors), prm/ for iStar, and
+                                    checksums.sha256 (every file's digest, checked when the checkpoint is read)
 
 Checkpoints are written atomically: into a temporary folder that is flushed to disk and renamed into place, after
-which `latest` is switched, so a kill (or a power cut) at any moment leaves `latest` on a whole checkpoint. Nothing here knows the algorithm: train.py
-says what goes into trainer_state.json and optimizer.pt and puts it back on resume.
+which `latest` is switched, so a kill (or a power cut) at any moment leaves `latest` on a whole checkpoint. `save`
+and `restore` know what train.py's Run and State hold (the policy, its optimizer, the data stream, the value buffer,
+the random states, the PRM); whatever is read back is checked (digests, types, the step against its folder) and a
+file that fails is named, never half used.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 import uuid
@@ -42,11 +46,31 @@ try:
 except ImportError:
     fcntl = None
 
-from cli import UsageError
+import models
+from cli import UsageError, check_setting
 from data import PromptStream
-from eval import jsonl_line, mean_of
 from prs import format_score
 from vspo import ValueBuffer
+
+
+def jsonl_line(record: dict) -> str:
+    """One jsonl line for `record`, non-ASCII text kept readable. A model can write any escape, also a lone
+    surrogate ("\\ud800"), which UTF-8 cannot encode; it is written as its JSON escape, so the line is valid UTF-8
+    and reads back to the same string.
+
+    >>> jsonl_line({"query": "\\ud800 Paris, café"})
+    '{"query": "\\\\ud800 Paris, café"}\\n'
+    >>> json.loads(jsonl_line({"query": "\\ud800 Paris"}))["query"] == "\\ud800 Paris"
+    True
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") + "\n"  # only lone surrogates are replaced
+
+
+def mean_of(values) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    values = [float(v) for v in values if v is not None]
+    return statistics.fmean(values) if values else None
 
 
 def saved_args(args) -> dict:
@@ -54,38 +78,45 @@ def saved_args(args) -> dict:
     return asdict(args) | {"judge_api_key": ""}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Checkpoints and resume ----
 @contextlib.contextmanager
 def exclusive(output: Path, flag: str = "--output-dir"):
-    """Hold the folder while a run trains in it. A second process started on the same --output-dir (a second
-    terminal, a grid launched twice) stops at once with an error naming the process that holds it, instead of both
-    writing one metrics.jsonl and one checkpoints/. The lock is an OS lock (flock) on the folder itself, which the OS
-    lets go when the process ends, however it ends (kill -9 included): no stale lock is ever left to clear by hand.
-    `run.pid` says who holds it, for that error; it is removed when the run ends (a killed run leaves it behind,
-    where it means nothing: the next run writes its own). `flag` names the folder in errors: eval.py holds its
-    --output and benchmarks/grid.py its --runs folder the same way."""
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{flag} {output}: a file, not a folder; choose a folder for the run")
-    output.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    folder = os.open(output, os.O_RDONLY)
+    """Hold the folder while a run trains in it: a second process started on it (a second terminal, a grid launched
+    twice) stops at once with an error naming the one that holds it. The lock is an OS lock (flock) on the folder,
+    which the OS lets go when the process ends, however it ends (kill -9 included): no stale lock is ever left.
+    `run.pid` names the holder for that error (a killed run leaves it behind, where it means nothing). `flag` names
+    the folder in errors (eval.py holds its --output, benchmarks/grid.py its --runs). A folder that cannot be made or
+    written (a file, a link to nowhere or to itself, no permission, a full disk) is an error naming it."""
     try:
+        output.mkdir(parents=True, exist_ok=True)
+        folder = os.open(output, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:
+        raise UsageError(f"{flag} {output}: cannot be used as a folder ({error.strerror or error}); choose a folder "
+                         f"you can write in") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = "another process"
+                with contextlib.suppress(OSError):  # run.pid, as the holder wrote it (or anything else found there)
+                    holder = (output / "run.pid").read_bytes()[:200].decode("utf-8", "replace").strip() or holder
+                raise UsageError(f"{flag} {output}: in use by another run ({holder}); wait for it to end, or choose "
+                                 f"another {flag}") from None
+        pid_file = output / "run.pid"
         try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = (output / "run.pid").read_text().strip() if (output / "run.pid").exists() else ""
-            raise UsageError(f"{flag} {output}: in use by another run ({holder or 'another process'}); wait for it "
-                             f"to end, or choose another {flag}") from None
-        (output / "run.pid").write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            if pid_file.is_dir() or pid_file.is_symlink():
+                raise IsADirectoryError(f"{pid_file} is not a plain file: move it away")
+            pid_file.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except OSError as error:
+            raise UsageError(f"{flag} {output}: cannot write {pid_file.name} there ({error.strerror or error}); "
+                             f"choose a folder you can write in") from None
         try:
             yield
         finally:
-            (output / "run.pid").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
     finally:
         os.close(folder)  # lets the lock go
 
@@ -106,6 +137,10 @@ def checkpoint_to_resume(args) -> Path | None:
         raise UsageError(f"--output-dir {output} holds another run: resuming {checkpoint} there would write over "
                          f"its logs and checkpoints; choose an empty --output-dir, or --resume {output} to go on "
                          f"with that run")
+    if earlier is None and _saved_a_checkpoint(output):
+        raise UsageError(f"--output-dir {output} holds a run that saved checkpoints, since removed (a finished run "
+                         f"whose logs were kept, as benchmarks/grid.py keeps them): a new run would replace its logs; "
+                         f"choose another --output-dir")
     if not own_folder and (output / "metrics.jsonl").exists():  # logs and no checkpoint: a run that was cut short
         # (this same branch, killed before its first checkpoint, is started again as a new run would be)
         this_run = f"this run (from {checkpoint})" if checkpoint else "this run starts again from step 0 in it and"
@@ -117,27 +152,26 @@ def checkpoint_to_resume(args) -> Path | None:
 
 
 def save(run, state) -> Path:
-    """Write <output_dir>/checkpoints/step-NNNNNN atomically for train.py's Run and State, switch `latest` to it, and
-    delete all but the --keep-checkpoints newest. `restore` puts back everything it holds."""
+    """Write <output_dir>/checkpoints/step-NNNNNN atomically for train.py's Run and State, with every file's SHA-256
+    (models.DIGESTS), switch `latest` to it, and delete all but the --keep-checkpoints newest. A save that fails (a
+    full disk) leaves nothing of itself behind and stops the run, naming the checkpoint still whole."""
     root = Path(run.args.output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    run.policy.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": run.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "generator": state.generator.get_state(),
-                "prm_optimizer": run.prm.state_dict() if run.prm else None}, tmp / "optimizer.pt")
-    trainer_state = {"step": state.step, "stream": state.stream.state_dict(), "buffer": state.buffer.state_dict(),
-                     "rng": state.rng.bit_generator.state, "args": saved_args(run.args),
-                     "data": data_fingerprint(state.stream.examples)}
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    if run.prm:  # a loadable model folder of its own
-        run.prm.model.save_pretrained(tmp / "prm")
-        run.tokenizer.save_pretrained(tmp / "prm")
-    _open_to_umask(tmp)  # mkdtemp makes the folder private, safetensors the weights: let a teammate's server read them
-    _sync(tmp)  # on disk before the rename makes it whole: a power cut after it loses no file the name promises
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        _write_checkpoint(run, state, tmp)
+        models.write_digests(tmp)
+        _open_to_umask(tmp)  # mkdtemp makes the folder private, safetensors the weights: a teammate's server reads them
+        _sync(tmp)  # on disk before the rename makes it whole: a power cut after it loses no file the name promises
+    except OSError as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        whole = newest_checkpoint(Path(run.args.output_dir))
+        raise UsageError(f"{final}: the checkpoint could not be written ({error.strerror or error}); what it had "
+                         f"written is removed. {f'{whole} is whole: free space and --resume it' if whole else ''}"
+                         f"{'' if whole else 'No earlier checkpoint: free space and start the run again'}") from None
     if final.exists():  # a checkpoint of this step from a run that went back: set it aside first, atomically
         os.replace(final, tmp.with_name(tmp.name + "-replaced"))
     os.replace(tmp, final)
@@ -149,30 +183,79 @@ def save(run, state) -> Path:
     return final
 
 
+def _write_checkpoint(run, state, folder: Path) -> None:
+    run.policy.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+    torch.save({"optimizer": run.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "generator": state.generator.get_state(),
+                "prm_optimizer": run.prm.state_dict() if run.prm else None}, folder / "optimizer.pt")
+    trainer_state = {"step": state.step, "stream": state.stream.state_dict(), "buffer": state.buffer.state_dict(),
+                     "rng": state.rng.bit_generator.state, "args": saved_args(run.args),
+                     "data": data_fingerprint(state.stream.examples)}
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    if run.prm:  # a loadable model folder of its own
+        run.prm.model.save_pretrained(folder / "prm")
+        run.tokenizer.save_pretrained(folder / "prm")
+
+
 def restore(checkpoint: Path, optimizer, prm, state, args) -> None:
-    """Load a checkpoint's optimizer, RNG, data position and value buffer into a fresh run's state. Flags given on
-    the command line win over saved settings: the learning rate, weight decay and buffer smoothing come from args."""
-    saved = read_json(checkpoint / "trainer_state.json")
+    """Load a checkpoint's optimizer, RNG, data position and value buffer into a fresh run's state, after checking its
+    files against their digests. Flags given on the command line win over saved settings: the learning rate, weight
+    decay and buffer smoothing come from args. Whatever cannot be read back is an error naming the file."""
+    if (checkpoint / models.DIGESTS).exists():  # (the model's own files were checked when it was loaded)
+        models.check_digests(checkpoint, lambda path: "/" in path or path in ("optimizer.pt", "trainer_state.json"))
+    saved = trainer_state(checkpoint)
     found = data_fingerprint(state.stream.examples)
     if saved.get("data", found) != found:  # checkpoints from before the fingerprint was saved are not checked
         raise UsageError(f"--task {args.task}: not the training data {checkpoint} was trained on "
-                         f"({saved['data']['questions']} questions then, {found['questions']} now, or the same count "
-                         f"with other questions or order); its data position and value buffer refer to that data, "
-                         f"so resume with it")
-    tensors = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(tensors["optimizer"])
+                         f"({saved['data'].get('questions')} questions then, {found['questions']} now, or the same "
+                         f"count with other questions or order); its data position and value buffer refer to that "
+                         f"data, so resume with it")
+    path = checkpoint / "optimizer.pt"
+    try:
+        tensors = torch.load(path, weights_only=True)
+        optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["torch_rng"])
+        if tensors["cuda_rng"]:
+            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+        state.generator.set_state(tensors["generator"])
+        if prm:
+            prm.load_state_dict(tensors["prm_optimizer"])  # at the PRM's learning rate, from args
+    except Exception as error:  # torch.load and load_state_dict raise many kinds on a damaged or foreign file
+        raise UsageError(f"{path}: unreadable as this run's optimizer and random states ({type(error).__name__}: "
+                         f"{str(error)[:200]})") from None
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    torch.set_rng_state(tensors["torch_rng"])
-    if tensors["cuda_rng"]:
-        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
-    state.generator.set_state(tensors["generator"])
-    if prm:
-        prm.load_state_dict(tensors["prm_optimizer"])  # at the PRM's learning rate, from args
+    path = checkpoint / "trainer_state.json"
+    try:
+        state.stream = PromptStream(state.stream.examples, state.stream.seed, **saved["stream"])
+        state.buffer = ValueBuffer.from_state_dict(saved["buffer"] | {"ema_alpha": args.value_ema})
+        state.rng.bit_generator.state = saved["rng"]
+    except (TypeError, ValueError, KeyError) as error:
+        raise UsageError(f"{path}: its data position, value buffer or random state cannot be read back "
+                         f"({type(error).__name__}: {str(error)[:200]})") from None
     state.step = saved["step"]
-    state.stream = PromptStream(state.stream.examples, state.stream.seed, **saved["stream"])
-    state.buffer = ValueBuffer.from_state_dict(saved["buffer"] | {"ema_alpha": args.value_ema})
-    state.rng.bit_generator.state = saved["rng"]
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer_state.json, checked: the fields train.py wrote, of their types, and a step that agrees
+    with the folder it sits in (step-000007 holds step 7). Errors name the file and the field."""
+    path = checkpoint / "trainer_state.json"
+    saved = read_json(path)
+    kinds = {"step": int, "args": dict, "stream": dict, "buffer": dict, "rng": dict}
+    for name, kind in kinds.items():
+        value = saved.get(name) if isinstance(saved, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UsageError(f"{path}: field {name!r} is {value!r}, not a{'n' if kind is int else ''} "
+                             f"{'integer' if kind is int else 'JSON object'}: the file is not a whole trainer state")
+    if saved["step"] < 0 or (checkpoint.name.startswith("step-") and checkpoint.name[5:].isdigit()
+                             and int(checkpoint.name[5:]) != saved["step"]):
+        raise UsageError(f"{path}: field 'step' is {saved['step']}, but the checkpoint sits in {checkpoint.name}: "
+                         f"its files do not agree with where they are; resume from another checkpoint")
+    if not isinstance(saved.get("data", {}), dict):
+        raise UsageError(f"{path}: field 'data' is {saved['data']!r}, not a JSON object")
+    return saved
 
 
 def data_fingerprint(examples) -> dict:
@@ -185,9 +268,8 @@ def data_fingerprint(examples) -> dict:
 
 
 def go_back(output: Path, step: int) -> None:
-    """A run resumed in its own folder from a checkpoint older than the newest goes on from that checkpoint: `latest`
-    names it from the start, so that a kill before the next save resumes it again, not the steps it went back from.
-    (Logger drops those steps' log rows; their checkpoints stay until the run saves those steps again.)"""
+    """A run resumed in its own folder from a checkpoint older than the newest goes on from it: `latest` names it at
+    once, so that a kill before the next save resumes it again (Logger drops the later steps' log rows)."""
     root, name = output / "checkpoints", f"step-{step:06d}"
     if (root / name / "trainer_state.json").exists() and newest_checkpoint(output) != root / name:
         _write_atomically(root / "latest", name)
@@ -244,8 +326,12 @@ def find_checkpoint(resume: str) -> Path:
     checkpoint = newest_checkpoint(path)
     if checkpoint is not None:
         return checkpoint
+    if _saved_a_checkpoint(path):
+        raise UsageError(f"--resume {resume}: the run there saved checkpoints, since removed: nothing to resume")
     if (path / "metrics.jsonl").exists():
-        branched = _saved_resume(path)
+        branched = ""  # the --resume the cut-short run was started with, from args.json
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            branched = str(json.loads((path / "args.json").read_text()).get("resume") or "")
         again = (f"run the command that started it again (--resume {branched} --output-dir {resume}, and its other "
                  f"flags: {path / 'args.json'})" if branched else
                  "run it again without --resume (it starts from step 0 in the same folder)")
@@ -255,40 +341,53 @@ def find_checkpoint(resume: str) -> Path:
                      f"trainer_state.json, or an output folder with checkpoints/)")
 
 
-def _saved_resume(output: Path) -> str:
-    """The --resume a run in `output` was started with ("" for a run from step 0, or when args.json is unreadable)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return str(json.loads((output / "args.json").read_text()).get("resume") or "")
-    return ""
-
-
 def newest_checkpoint(output: Path) -> Path | None:
     """The checkpoint `checkpoints/latest` names; else (a kill between a checkpoint's rename and the switch of
     `latest`) the newest whole one: a step-NNNNNN folder is whole once it exists, since it is renamed into place."""
     root = output / "checkpoints"
-    latest = root / "latest"
-    if latest.exists() and (root / latest.read_text().strip() / "trainer_state.json").exists():
-        return root / latest.read_text().strip()
-    whole = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").exists()]
+    named = ""
+    with contextlib.suppress(OSError, UnicodeDecodeError):  # a `latest` that is a folder or garbage names nothing
+        named = (root / "latest").read_text(encoding="utf-8").strip()
+    if named.startswith("step-") and named[5:].isdigit() and (root / named / "trainer_state.json").is_file():
+        return root / named
+    whole = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
     return max(whole, key=_step_of) if whole else None
 
 
+def _saved_a_checkpoint(output: Path) -> bool:
+    """Whether the run logged in `output` saved a checkpoint at some step (its metrics row has the save's time)."""
+    return (output / "metrics.jsonl").is_file() and any("time_checkpoint" in row
+                                                         for row in read_jsonl(output / "metrics.jsonl"))
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a UsageError naming the file."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UsageError(f"{path}: unreadable ({error})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return value
 
 
 def resumed_args(args, argv: list[str]):
     """With --resume, the run's saved settings, overridden by the flags given on this command line (e.g. --steps to
     train further). The run goes on in the output folder the checkpoint is in, unless --output-dir says otherwise."""
     checkpoint = find_checkpoint(args.resume)
-    saved = read_json(checkpoint / "trainer_state.json")["args"]
+    saved = trainer_state(checkpoint)["args"]
     given = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
     given |= {name.removeprefix("no_") for name in given}
     names = {f.name for f in fields(args)}
     merged = {name: value for name, value in saved.items() if name in names}
+    for name, value in merged.items():  # each saved setting passes its flag's checks, or the file is named
+        if name not in given:
+            try:
+                check_setting(type(args), name, value)
+            except UsageError as error:
+                raise UsageError(f"{checkpoint / 'trainer_state.json'}: saved setting {name!r}: "
+                                 f"{str(error).split(': ', 1)[-1]} (is {value!r}); resume with --"
+                                 f"{name.replace('_', '-')} given, or from another checkpoint") from None
     if checkpoint.parent.name == "checkpoints":  # <output_dir>/checkpoints/step-NNNNNN, wherever it was moved
         merged["output_dir"] = str(checkpoint.parent.parent)
     elif "output_dir" not in given:
@@ -298,16 +397,16 @@ def resumed_args(args, argv: list[str]):
     return type(args)(**merged)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Logs: metrics.jsonl, samples.jsonl, TensorBoard, wandb
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Logs: metrics.jsonl, samples.jsonl, TensorBoard, wandb ----
 class Logger:
     def __init__(self, folder: Path, args, start_step: int):
+        """The run's logs in `folder`, for a run that starts after `start_step`; writes its settings (args.json)."""
         self.folder = folder
+        go_back(folder, start_step)
+        _write_atomically(folder / "args.json", json.dumps(saved_args(args), indent=1))
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
-        # A run resumed from a checkpoint of this folder keeps the rows up to it and rewrites what came after; any
-        # other run (a new one, or one resumed from elsewhere) replaces what a run that stopped before its first
-        # checkpoint wrote here.
+        # A run resumed from a checkpoint of this folder keeps the rows up to it; any other run replaces what a run
+        # that stopped before its first checkpoint wrote here.
         own = start_step and (folder / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").exists()
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
@@ -317,8 +416,7 @@ class Logger:
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            # events after the start step (a killed run's, or a stopped run's before its first checkpoint) are
-            # dropped, as the rows of metrics.jsonl are, so that no step is drawn twice
+            # events after the start step are dropped, as the rows of metrics.jsonl are: no step is drawn twice
             self.tensorboard = SummaryWriter(str(folder / "tensorboard"),
                                              purge_step=start_step + 1 if start_step else 0)
         if args.wandb:
@@ -453,9 +551,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The curves
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The curves ----
 PLOTS = (  # panel title -> metrics drawn in it
     ("reward", ("reward", "stage_format", "stage_tool_call", "stage_evidence", "stage_answer", "stage_judge")),
     ("answers and calls (training rollouts)", ("exact_match", "answered", "well_formed", "tool_calls")),

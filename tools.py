@@ -52,9 +52,7 @@ _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boo
                "array": (list,)}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Tools and calls
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Tools and calls ----
 @dataclass(frozen=True)
 class Tool:
     """A tool: its name, what it does, its signature (JSON-schema subset) and the function that runs it."""
@@ -209,9 +207,7 @@ def describe_tools(tools: Mapping[str, Tool]) -> str:
     return "\n".join(json.dumps(tool.signature()) for tool in tools.values())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The final answer: extraction and SQuAD normalization (what rewards, metrics and data generation compare)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The final answer: extraction and SQuAD normalization (what rewards, metrics and data generation compare) ----
 def normalize_answer(text: str) -> str:
     """SQuAD-style normalization: lowercase, drop punctuation and the articles a/an/the, collapse whitespace.
 
@@ -251,9 +247,7 @@ def extract_answer(response: str) -> str | None:
     return response[open_at + len(ANSWER_OPEN):close_at].strip()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# search: a local BM25 index or a Search-R1 retrieval server
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- search: a local BM25 index or a Search-R1 retrieval server ----
 @dataclass(frozen=True)
 class Passage:
     title: str
@@ -359,9 +353,7 @@ def search_tool(backend: Callable[[str, int], list[Passage]], topk: int = 3, pas
     return Tool("search", f"Search Wikipedia; returns the top {topk} passages.", parameters, search)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# calculator: arithmetic only, with bounded sizes
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- calculator: arithmetic only, with bounded sizes ----
 MAX_EXPRESSION_CHARS = 200
 MAX_ABS_VALUE = 1e100  # no intermediate value may exceed this: 10**10**10 is refused before it is computed
 

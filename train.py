@@ -21,15 +21,11 @@ One training step is the algorithm; the loop in `train` makes one call per line 
 grpo (vanilla: no replacement; dead groups stay in the batch with advantage 0, as TRL and verl run it), dapo (dead
 groups dropped and refilled with fresh prompts), cispo (GRPO sampling with the CISPO loss). --replacement and
 --value-clip override the sampling parts for ablations (e.g. VSPO with random replacement).
-
-The defaults train the embedded model on a laptop CPU in 7 to 16 minutes; README ("Training on a GPU") gives the
-paper's settings for a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 from collections import Counter
@@ -41,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import agent
 import data
 import eval as evaluation
 import istar
@@ -49,17 +46,14 @@ import prs
 import rollout
 import run_folder
 import vspo
-from cli import UsageError, check_fields, parse, require
+from cli import check_fields, parse, require
 from settings import Algorithm, TrainArgs, algorithm_of
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# What a run is made of (built once by `setup`), and what it carries from step to step (restored from a checkpoint)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- What a run is made of (built once by `setup`), and what it carries from step to step ----
 @dataclass
 class Run:
     """What a run is made of, built once by `setup`; steps change only the weights and the optimizer's state."""
-
     args: TrainArgs
     algorithm: Algorithm  # what --algorithm, --replacement and --value-clip resolve to
     policy: torch.nn.Module  # fp32 master weights
@@ -76,15 +70,13 @@ class Run:
     autocast_dtype: torch.dtype | None  # bf16 autocast on CUDA; None: plain fp32
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.policy.device.type, dtype=self.autocast_dtype)
+        return (torch.autocast(self.policy.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                else contextlib.nullcontext())
 
 
 @dataclass
 class State:
     """Everything a step reads or changes besides the models and the optimizer; a checkpoint restores it exactly."""
-
     stream: data.PromptStream
     buffer: vspo.ValueBuffer
     rng: np.random.Generator  # replacement draws
@@ -92,13 +84,10 @@ class State:
     step: int = 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Rollout, rewards and value-based replacement: groups of scored trajectories
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Rollout, rewards and value-based replacement: groups of scored trajectories ----
 @dataclass
 class Group:
     """The G trajectories of one prompt, their rewards (None = unscored) and how often the prompt was replayed."""
-
     example: data.Example
     trajectories: list
     replays: int = 0
@@ -110,8 +99,7 @@ class Group:
 
     @property
     def dead(self) -> bool:
-        """All scored rewards equal, or fewer than two scored: every advantage is 0 (METHOD.md §3.1, vspo.dead_groups,
-        the rule the advantages follow)."""
+        """All scored rewards equal, or fewer than two scored: all advantages 0 (vspo.dead_groups, METHOD.md §3.1)."""
         rewards = torch.tensor([reward for _, reward in self.scored()])  # [n]
         return len(rewards) == 0 or bool(vspo.dead_groups(rewards, torch.zeros(len(rewards), dtype=torch.long))[1])
 
@@ -129,15 +117,11 @@ def score(run: Run, groups: list[Group], step: int) -> list[Group]:
     """The reward of every trajectory (METHOD.md §2): PRS or binary, short-form (EM, LA-BLEU) or long-form (judge),
     all in one batch so that a judge scores them concurrently."""
     trajectories = [t for g in groups for t in g.trajectories]
-    schedule = dict(step=step, total_steps=run.args.schedule_steps)
+    schedule, texts = dict(step=step, total_steps=run.args.schedule_steps), [t.text for t in trajectories]
     if any(t.example.reference for t in trajectories):  # long-form
-        texts = [t.text for t in trajectories]
-        questions = [t.example.question for t in trajectories]
-        references = [t.example.reference for t in trajectories]
-        if run.args.reward == "prs":
-            results = prs.prs_longform_rewards(texts, questions, references, run.judge, run.tools, **schedule)
-        else:
-            results = prs.binary_longform_rewards(texts, questions, references, run.judge)
+        asked = ([t.example.question for t in trajectories], [t.example.reference for t in trajectories], run.judge)
+        results = (prs.prs_longform_rewards(texts, *asked, run.tools, **schedule) if run.args.reward == "prs"
+                   else prs.binary_longform_rewards(texts, *asked))
     elif run.args.reward == "prs":
         results = [prs.prs_reward(t.text, t.example.answers, run.tools, **schedule) for t in trajectories]
     else:
@@ -153,10 +137,8 @@ def score(run: Run, groups: list[Group], step: int) -> list[Group]:
 def replace_dead_groups(run: Run, state: State, groups: list[Group]):
     """Value-based sampling (METHOD.md §3.3): each dead group gives its place to a prompt drawn from the value buffer
     (or a fresh one), rolled out and scored, for up to --resample-rounds rounds. Then every group rolled out this
-    step updates its prompt's task value in the buffer.
-
-    Returns (groups, everything, stats): the batch after replacement (dead groups that could not be replaced stay in
-    it), every group rolled out this step (the replaced ones included), and counts for the log."""
+    step updates its prompt's task value in the buffer. Returns the batch after replacement (dead groups that could
+    not be replaced stay in it), every group rolled out this step, and counts for the log."""
     stats = {"dead_fraction": sum(g.dead for g in groups) / len(groups), "extra_rollouts": 0, "replayed": 0}
     everything = list(groups)
     rounds = run.args.resample_rounds if run.algorithm.replacement != "none" else 0
@@ -194,13 +176,10 @@ def groups_to_train(run: Run, groups: list[Group], everything: list[Group]) -> l
     return [g for g in groups if g.scored() and not (run.algorithm.drop_dead and g.dead)]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The batch, advantages and the policy update
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The batch, advantages and the policy update ----
 @dataclass
 class Batch:
     """The scored trajectories trained on this step, as tensors, row i the same trajectory in every field."""
-
     trajectories: list
     tokens: rollout.TokenBatch  # ids and masks, [N, L] and [N, R]
     rewards: torch.Tensor  # [N]
@@ -212,10 +191,8 @@ class Batch:
 
 def make_batch(run: Run, groups: list[Group]) -> Batch:
     rows = [(t, reward, g.replays) for g in groups for t, reward in g.scored()]
-    # Shortest first: every pass below goes through the batch a micro-batch at a time, and a micro-batch is padded to
-    # its longest row, so neighbours of similar lengths waste little (the reference model's pass over 4 questions x 5
-    # trajectories: 10.3 s against 15.9 s in group order). Nothing depends on the order: each row carries its own
-    # group id, reward and replay count.
+    # Shortest first: a micro-batch is padded to its longest row, so neighbours of similar lengths waste little
+    # (benchmarks/README.md). Nothing depends on the order: each row carries its group id, reward and replay count.
     rows.sort(key=lambda row: len(row[0].prompt_ids) + len(row[0].response_ids))
     trajectories = [t for t, _, _ in rows]
     tokens = rollout.collate(trajectories, run.tokenizer.pad_token_id)
@@ -236,7 +213,6 @@ def make_batch(run: Run, groups: list[Group]) -> Batch:
 
 class StepCredit(NamedTuple):
     """iStar's step rewards of a batch (METHOD.md §4.1), and which step each response token belongs to."""
-
     step_ids: torch.Tensor  # [N, R] step index of each response token, -1 on tool tokens and padding
     step_rewards: torch.Tensor  # [N, S]
     step_mask: torch.Tensor  # [N, S] True on real steps
@@ -319,30 +295,25 @@ def update(run: Run, state: State, batch: Batch, token_advantages: torch.Tensor)
                     "grad_norm": totals["grad_norm"] / max(len(chunks) - skipped, 1)}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Setup, checkpoints, and the training run
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Setup, checkpoints, and the training run ----
 def setup(args: TrainArgs) -> tuple[Run, State]:
     """Models, data, tools, judge and state, from the arguments (and a checkpoint with --resume)."""
-    evaluation.seed_everything(args.seed)
-    device, dtype = evaluation.device_and_dtype(args)
-    evaluation.keep_freed_memory(device)  # a faster CPU run, the same numbers
+    agent.seed_everything(args.seed)
+    device, dtype = agent.device_and_dtype(args)
     cache = args.cache_dir or None
     checkpoint = run_folder.checkpoint_to_resume(args)
     train_examples = data.load_task(args.task, "train", cache)
     eval_task = args.eval_task or (args.task if args.task in data.TASKS else "")
     eval_examples = data.load_task(eval_task, "test", cache)[:args.eval_size] if eval_task else []
     long_form = any(e.reference for e in train_examples[:1] + eval_examples[:1])  # scored by the judge, asked first
-    judge = evaluation.build_judge(args, cache_path=str(Path(args.output_dir) / "judge_cache.jsonl"), check=long_form)
-    if judge is None and long_form:
-        raise UsageError(f"--task {args.task}: long-form, its rewards need a judge; set --judge-model and "
-                         f"--judge-base-url (or JUDGE_MODEL and OPENAI_BASE_URL)")
+    judge = agent.build_judge(args, cache_path=str(Path(args.output_dir) / "judge_cache.jsonl"), check=long_form)
+    require(judge is not None or not long_form, "task", args.task, "long-form: its rewards need a judge; set "
+            "--judge-model and --judge-base-url (or JUDGE_MODEL and OPENAI_BASE_URL)")
     # fp32 master weights; the forward passes run under bf16 autocast where --dtype says so (AdamW updates at lr
     # ~1e-6 vanish in bf16 weights).
     policy, tokenizer = models.load_model(str(checkpoint) if checkpoint else args.model, device=device,
                                           dtype=torch.float32, cache=cache)
-    checkpointing = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto"
-                                                            and device.type == "cuda")
+    checkpointing = {"on": True, "off": False, "auto": device.type == "cuda"}[args.gradient_checkpointing]
     if checkpointing:
         models.enable_gradient_checkpointing(policy)
     reference = None
@@ -363,12 +334,11 @@ def setup(args: TrainArgs) -> tuple[Run, State]:
         run_folder.restore(checkpoint, optimizer, prm, state, args)
         require(state.step < args.steps, "steps", args.steps,
                 f"the checkpoint is already at step {state.step}: pass --steps above it to train further")
-    tools = evaluation.build_tools(args)
-    config = evaluation.rollout_config(args, group_size=args.group_size, temperature=args.temperature,
-                                       top_p=args.top_p)
-    eval_config = evaluation.rollout_config(args, group_size=1, temperature=0.0)
-    evaluation.check_prompts_fit(tokenizer, train_examples, tools, config, "training questions")
-    evaluation.check_prompts_fit(tokenizer, eval_examples, tools, eval_config, "evaluation questions")
+    tools = agent.build_tools(args)
+    config = agent.rollout_config(args, group_size=args.group_size, temperature=args.temperature, top_p=args.top_p)
+    eval_config = agent.rollout_config(args, group_size=1, temperature=0.0)
+    agent.check_prompts_fit(tokenizer, train_examples, tools, config, "training questions")
+    agent.check_prompts_fit(tokenizer, eval_examples, tools, eval_config, "evaluation questions")
     run = Run(args, algorithm_of(args), policy, tokenizer, reference, prm, optimizer, tools, judge,
               {e.id: e for e in train_examples}, eval_examples, config, eval_config,
               dtype if dtype != torch.float32 else None)
@@ -401,11 +371,8 @@ def train(args: TrainArgs) -> dict:
     if not args.schedule_steps:
         args.schedule_steps = args.steps  # fixed at the run's start: a resumed run with more steps keeps it
     run, state = setup(args)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    run_folder.go_back(output, state.step)
-    logger = run_folder.Logger(output, args, state.step)
-    (output / "args.json").write_text(json.dumps(run_folder.saved_args(args), indent=1))
+    output = Path(args.output_dir)  # made and held by run_folder.exclusive
+    logger = run_folder.Logger(output, args, state.step)  # a resumed run goes on from its checkpoint's log rows
     timer = run_folder.PhaseTimer()
     with timer("evaluation"):
         final_eval = evaluate(run) if state.step == 0 else {}
@@ -435,8 +402,7 @@ def train(args: TrainArgs) -> dict:
             with timer("update"):
                 update_stats = update(run, state, batch, token_advantages) | istar_stats
         else:
-            tqdm.write(f"step {state.step}: no group to train on (every group dead and dropped, or unscored); "
-                       f"no update")
+            tqdm.write(f"step {state.step}: no group to train on (all dead and dropped, or unscored); no update")
         metrics = run_folder.step_metrics(trained, everything, stats, update_stats, timer, args.prompts_per_step)
         last = state.step == args.steps
         if last or (args.eval_every and state.step % args.eval_every == 0):
@@ -470,7 +436,7 @@ def main(argv=None) -> None:
         check_fields(args)  # also the settings a resumed run read back
         with run_folder.exclusive(Path(args.output_dir)):  # one process at a time trains in a folder
             final = train(args)
-    except evaluation.USER_ERRORS as error:
+    except agent.USER_ERRORS as error:
         sys.exit(f"error: {error}")
     if final:
         print(evaluation.format_table({"eval (greedy)": {k.removeprefix("eval_"): v for k, v in final.items()}}))

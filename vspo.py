@@ -36,9 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# ---------------------------------------------------------------------------------------------------------------------
-# GRPO advantages over ragged groups
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- GRPO advantages over ragged groups ----
 
 
 class GroupStats(NamedTuple):
@@ -113,9 +111,7 @@ def broadcast_to_tokens(advantages: torch.Tensor, loss_mask: torch.Tensor) -> to
     return torch.where(loss_mask.bool(), advantages.unsqueeze(-1), 0.0)  # [N, T]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Task value and value-based sampling
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Task value and value-based sampling ----
 
 
 def task_value(rewards, r_max: float = 1.0, tol: float = 1e-6) -> float:
@@ -236,24 +232,19 @@ def max_group_advantage(group_size: int) -> float:
     return (group_size - 1) / math.sqrt(group_size)
 
 
-# OUR READING: c_max = max_group_advantage(G) at the paper's group size G = 5, about 1.789. A fresh group of 5
-# (k = 0) is then never clipped, only replays are. With other group sizes pass max_group_advantage(G) for that G to
-# keep the same guarantee.
-DEFAULT_C_MAX = max_group_advantage(5)
-
-
-def value_smoothing_clip(
-    advantages: torch.Tensor, replay_counts: torch.Tensor, c_max: float = DEFAULT_C_MAX
-) -> torch.Tensor:
+def value_smoothing_clip(advantages: torch.Tensor, replay_counts: torch.Tensor, c_max: float) -> torch.Tensor:
     """Value-smoothing clipping: clip A to ±c_k, c_k = c_max / sqrt(1 + k), k the replay count (METHOD.md §3.4).
 
     advantages and replay_counts share a shape, e.g. [N] per trajectory; k is the number of times the sample's prompt
     was drawn as a replacement, counting this rollout (0 for a fresh prompt). Keeps the sign, never grows |A|, never
-    exceeds c_max, and leaves A unchanged at k = 0 when |A| <= c_max.
+    exceeds c_max, and leaves A unchanged at k = 0 when |A| <= c_max. Pass c_max = max_group_advantage(G) for your
+    group size G: then a fresh group is never clipped, only replays are (a c_max for G = 5, 1.789, would clip fresh
+    groups of 8, whose |A| reaches 2.47).
 
-    >>> value_smoothing_clip(torch.tensor([1.5, -0.5, 1.5, -1.5]), torch.tensor([0, 0, 1, 3]))
+    >>> value_smoothing_clip(torch.tensor([1.5, -0.5, 1.5, -1.5]), torch.tensor([0, 0, 1, 3]), max_group_advantage(5))
     tensor([ 1.5000, -0.5000,  1.2649, -0.8944])
     """
+    # OUR READING: c_max = max_group_advantage(G), 1.789 at the paper's G = 5: a fresh group (k = 0) is never clipped.
     if (replay_counts < 0).any():
         raise ValueError(f"replay counts must be >= 0, got {replay_counts.min().item()}")
     # OUR READING: 1 / sqrt(1 + k) decays smoothly from 1, and a prompt replayed K times then adds at most about
@@ -262,9 +253,7 @@ def value_smoothing_clip(
     return torch.clamp(advantages, min=-c_k, max=c_k)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Policy losses over per-token tensors [batch, seq_len]
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Policy losses over per-token tensors [batch, seq_len] ----
 
 REDUCTIONS = ("token-mean", "seq-mean")
 
@@ -476,9 +465,7 @@ def policy_loss(
     return loss, diagnostics
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The method and its baselines, as settings of the pieces above (train.py's --algorithm)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The method and its baselines, as settings of the pieces above (train.py's --algorithm) ----
 
 # name -> (dead-group replacement mode of choose_replacements, value-smoothing clipping on, policy loss kind)
 ALGORITHMS = {

@@ -34,10 +34,11 @@ import traceback
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
 import judge  # noqa: E402
 import models  # noqa: E402
 import prs  # noqa: E402
+import prs_adapters  # noqa: E402
+import run_folder  # noqa: E402
 import tools  # noqa: E402
 
 TAGS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<answer>", "</answer>", "<think>",
@@ -169,7 +170,7 @@ def main():
             formatted = tally.run("format_tool_response", tools.format_tool_response, observation.text)
             tally.run("tokenizer", lambda t: tokenizer(t, add_special_tokens=False).input_ids, formatted)
             record = {"arguments": call.arguments, "error": call.error, "observation": observation.text}
-            line = tally.run("jsonl_line", evaluation.jsonl_line, record)
+            line = tally.run("jsonl_line", run_folder.jsonl_line, record)
             if line is not None:
                 tally.check("jsonl_line", json.loads(line) == as_json_reads_it(record) and "\n" not in line[:-1],
                             "no round trip")
@@ -182,11 +183,11 @@ def main():
                     [text], [question], [gold[-1]], half, registry, step=n % 10, total_steps=10)[0].total),
                 ("binary_longform_rewards", lambda: prs.binary_longform_rewards(
                     [text], [question], [gold[-1]], half)[0].total),
-                ("trl_reward", lambda: prs.trl_reward([question], [text], golden_answers=[gold])[0]),
-                ("compute_score", lambda: prs.compute_score("wiki", text, {"target": gold})["score"])]:
+                ("trl_reward", lambda: prs_adapters.trl_reward([question], [text], golden_answers=[gold])[0]),
+                ("compute_score", lambda: prs_adapters.compute_score("wiki", text, {"target": gold})["score"])]:
             tally.check(target, in_unit(tally.run(target, reward)), "reward outside [0, 1]")  # None: raised
         answer = tally.run("extract_answer", tools.extract_answer, text)
-        line = tally.run("jsonl_line", evaluation.jsonl_line, {"answer": answer, "response": text})
+        line = tally.run("jsonl_line", run_folder.jsonl_line, {"answer": answer, "response": text})
         if line is not None:
             tally.check("jsonl_line", json.loads(line) == as_json_reads_it({"answer": answer, "response": text}),
                         "no round trip")

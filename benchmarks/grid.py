@@ -2,14 +2,17 @@
 
     python benchmarks/grid.py                      # every cell x 3 seeds (resumable), then the table and the figure
     python benchmarks/grid.py --cells core         # the 2 x 2 grid {PRS, binary} x {VSPO, GRPO} first
-    python benchmarks/grid.py --report-only        # redraw the table and the figure from the committed summaries
+    python benchmarks/grid.py --report-only --results benchmarks/results/grid   # redraw the committed table
     python benchmarks/grid.py --pause / --continue # stop the running grid while other heavy work runs alone
 
 Each run is `train.py` with the cell's flags, the budget's flags and a seed, then `eval.py` on its final checkpoint
 (greedy, the first --eval-wiki `wiki` test questions and the 73 `fanoutqa` questions). What a run leaves for the
-table is one small JSON summary in --results (its per-step metrics, its evaluation, its cost); those are committed,
-so the table can be redrawn without the runs. The runs themselves (logs, checkpoints) go to --runs and are deleted
-down to their logs once summarised.
+table is one small JSON summary in --results (the flags that made it, the commit, its per-step metrics, its
+evaluation, its cost), beside the table (grid.md) and the curves (curves.png). --results is a scratch folder under
+--runs unless named: the committed summaries are in benchmarks/results/, and a grid writes there only when told to.
+All summaries of one --results folder share one budget (model, steps, prompts, group size, lr, evaluation, extra
+flags): a run or a report that would mix two is refused, naming the files. The runs themselves (logs,
+checkpoints) go to --runs and are deleted down to their logs once summarised; the grid deletes only folders it made.
 
 Resumable: a run whose summary exists (with the same flags) is skipped; a run that was killed continues from its
 newest checkpoint (train.py --resume), or starts again when it had none. One grid at a time runs in a --runs
@@ -33,6 +36,7 @@ difference at this budget".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -85,9 +89,7 @@ CLAIMS = [
 MASTERY = 0.9  # well-formed fraction of a step's trajectories that counts as format mastery
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Running one cell x seed
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Running one cell x seed ----
 def budget_flags(args) -> list[str]:
     """The flags every run shares: the budget, the model, no evaluation inside train.py (eval.py does it after)."""
     return ["--model", args.model, "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
@@ -110,16 +112,40 @@ def run_command(command: list[str], log: Path, runs: Path) -> dict:
             "wall_s": end - start - paused_seconds(runs, start, end)}
 
 
-# The machine is shared: `--pause` stops the running grid (SIGSTOP to its process group, train.py included) so that
-# other heavy work can run alone, `--continue` lets it go on. Paused time is left out of the runs' wall times.
+# The machine is shared: `--pause` stops the running grid (SIGSTOP to the grid's process and the train.py or eval.py
+# it runs, nothing else) so that other heavy work can run alone, `--continue` lets it go on. Paused time is left out
+# of the runs' wall times. grid.pid names the grid while it runs.
 def pause(runs: Path, stop: bool) -> None:
     pid_file = runs / "grid.pid"
-    if not pid_file.exists():
-        raise SystemExit(f"error: no grid is running ({pid_file} is missing)")
-    os.killpg(int(pid_file.read_text()), signal.SIGSTOP if stop else signal.SIGCONT)
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        raise SystemExit(f"error: no grid is running in {runs} ({pid_file} is missing, or names no live process)")
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {pid_file}: not a process id ({error}); no grid to {'pause' if stop else 'continue'}")
+    if not any(part.endswith(b"grid.py") for part in command):
+        raise SystemExit(f"error: {pid_file} names process {pid}, which is not a grid (a stale file): nothing done")
+    for process in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):  # one may have ended meanwhile
+            os.kill(process, signal.SIGSTOP if stop else signal.SIGCONT)
     with open(runs / "pauses.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"paused" if stop else "continued": time.time()}) + "\n")
     print(f"grid {'paused' if stop else 'continued'}")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and by them, ... (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def paused_seconds(runs: Path, start: float, end: float) -> float:
@@ -138,14 +164,13 @@ def run_one(args, cell: str, seed: int) -> Path:
     """Train and evaluate one cell x seed (or continue a killed run), write its summary, and return its path."""
     flags = CELLS[cell][0] + budget_flags(args) + ["--seed", str(seed)]
     summary_path = Path(args.results) / f"{cell}-seed{seed}.json"
-    if summary_path.exists() and json.loads(summary_path.read_text())["flags"] == flags:
-        return summary_path
-    folder = Path(args.runs) / cell / f"seed{seed}"
-    flags_path = folder / "grid_flags.json"
-    if flags_path.exists() and json.loads(flags_path.read_text()) != flags:
-        shutil.rmtree(folder)  # an earlier run with other flags: nothing in it can be continued
-    folder.mkdir(parents=True, exist_ok=True)
-    flags_path.write_text(json.dumps(flags))
+    if summary_path.exists():
+        summary = read_summary(summary_path)
+        if summary["flags"] == flags:
+            return summary_path
+        raise SystemExit(f"error: {summary_path} holds a run of other settings ({' '.join(summary['flags'])}); a "
+                         f"grid never replaces one: choose another --results")
+    folder = own_folder(Path(args.runs) / cell / f"seed{seed}", flags)
     log, cost_path = folder / "grid.log", folder / "cost.json"
     # what the run has cost so far, over every attempt (a killed training that continues adds to it)
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else {"cpu_s": 0.0, "train_wall_s": 0.0}
@@ -159,7 +184,7 @@ def run_one(args, cell: str, seed: int) -> Path:
         cost = {"cpu_s": cost["cpu_s"] + spent["cpu_s"], "train_wall_s": cost["train_wall_s"] + spent["wall_s"]}
         write_json(cost_path, cost)
     evaluation = folder / "eval"
-    shutil.rmtree(evaluation, ignore_errors=True)  # a killed evaluation starts again
+    shutil.rmtree(evaluation, ignore_errors=True)  # a killed evaluation starts again (in the grid's own folder)
     print(f"{cell} seed {seed}: evaluating", flush=True)
     spent = run_command([sys.executable, "eval.py", "--model", str(final), "--task", "wiki", "fanoutqa", "--limit",
                          str(args.eval_wiki), "--output", str(evaluation), *args.extra_eval], log, Path(args.runs))
@@ -168,6 +193,36 @@ def run_one(args, cell: str, seed: int) -> Path:
     write_json(summary_path, summary)
     shutil.rmtree(folder / "checkpoints")  # the summary and the logs are what the table needs
     return summary_path
+
+
+def own_folder(folder: Path, flags: list[str]) -> Path:
+    """A run folder of the grid's for `flags`: made here, or made by an earlier grid (its grid_flags.json says so);
+    one of other flags is cleared first, since nothing in it can be continued. A folder the grid did not make is
+    refused, never deleted."""
+    marker = folder / "grid_flags.json"
+    if folder.exists() and not marker.is_file() and any(folder.iterdir()):
+        raise SystemExit(f"error: {folder}: not a folder this grid made (no grid_flags.json), and not empty; move it "
+                         f"away or choose another --runs")
+    try:
+        earlier = json.loads(marker.read_text()) if marker.is_file() else flags
+    except (OSError, ValueError):
+        earlier = None  # a marker cut short: the grid's own folder, of unknown flags
+    if earlier != flags:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(flags))
+    return folder
+
+
+def read_summary(path: Path) -> dict:
+    """A run's summary, or an error naming the file (one cut short by a kill, or edited)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(summary, dict) and isinstance(summary.get("flags"), list)):
+            raise ValueError("no flags")
+        return summary
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {path}: not a run summary ({error}); delete it to run that cell and seed again")
 
 
 def summarise(cell: str, seed: int, flags: list[str], folder: Path, cost: dict) -> dict:
@@ -202,18 +257,23 @@ def machine() -> str:
 
 
 def evaluate_base(args) -> Path:
-    """The untrained model's evaluation (the same for every cell and seed: greedy), for the table's first row."""
+    """The untrained model's evaluation (the same for every cell and seed: greedy), for the table's first row; kept
+    with the flags that made it, and never replaced by one of other flags."""
     path = Path(args.results) / "base.json"
+    flags = ["--model", args.model, "--task", "wiki", "fanoutqa", "--limit", str(args.eval_wiki), *args.extra_eval]
     if path.exists():
-        return path
-    folder = Path(args.runs) / "base"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+        base = read_summary(path) if path.read_text().strip() else {}
+        if base.get("flags") == flags:
+            return path
+        raise SystemExit(f"error: {path} holds the evaluation of other settings ({' '.join(base.get('flags', []))});"
+                         f" choose another --results")
+    folder = own_folder(Path(args.runs) / "base", flags)
+    shutil.rmtree(folder / "eval", ignore_errors=True)  # a killed evaluation starts again
     print("base model: evaluating", flush=True)
-    run_command([sys.executable, "eval.py", "--model", args.model, "--task", "wiki", "fanoutqa", "--limit",
-                 str(args.eval_wiki), "--output", str(folder / "eval"), *args.extra_eval], folder / "grid.log",
+    run_command([sys.executable, "eval.py", *flags, "--output", str(folder / "eval")], folder / "grid.log",
                 Path(args.runs))
-    write_json(path, {"eval": json.loads((folder / "eval" / "metrics.json").read_text())})
+    write_json(path, {"flags": flags, "commit": commit(),
+                      "eval": json.loads((folder / "eval" / "metrics.json").read_text())})
     return path
 
 
@@ -225,9 +285,7 @@ def write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# From summaries to figures per run, per cell, and the claims
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- From summaries to figures per run, per cell, and the claims ----
 def figures(summary: dict, prompts_per_step: int) -> dict:
     """The table's figures of one run."""
     steps = summary["steps"]
@@ -283,9 +341,7 @@ def verdict(a: list, b: list, better: str, steps: int) -> tuple[str, float | Non
     return "no difference at this budget", p
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The table and the figure
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The table and the figure ----
 TABLE = [  # (column, figure key, format)
     ("format mastery step", "mastery_step", "{:.1f}"), ("wiki EM", "wiki_em", "{:.3f}"),
     ("wiki F1", "wiki_f1", "{:.3f}"), ("wiki LA-BLEU", "wiki_la_bleu", "{:.3f}"),
@@ -309,26 +365,42 @@ def cell_text(values: list, fmt: str) -> str:
     return f"{fmt.format(stats[0])} ± {fmt.format(stats[1])}{never} ({shown})"
 
 
+def budget_of(summary: dict) -> tuple:
+    """What a run shares with every run it may be compared with: its flags without the cell's own and the seed, and
+    how many questions of each task its evaluation answered."""
+    flags = summary["flags"][len(CELLS.get(summary.get("cell"), ([], ""))[0]):]
+    flags = flags[:-2] if flags[-2:-1] == ["--seed"] else flags
+    return tuple(flags), tuple(sorted((task, m.get("questions")) for task, m in summary.get("eval", {}).items()))
+
+
 def report(args) -> tuple[Path, Path]:
-    """Write the markdown table (with the claims) and the figure from the summaries in --results."""
+    """Write the markdown table (with the claims) and the figure from the summaries in --results, all of one budget
+    (a folder that mixes two is refused, naming a file of each)."""
     results = Path(args.results)
-    runs = {}
+    runs, budgets = {}, {}
     for path in sorted(results.glob("*-seed*.json")):
-        summary = json.loads(path.read_text())
+        summary = read_summary(path)
         runs.setdefault(summary["cell"], []).append(summary)
+        budgets.setdefault(budget_of(summary), path)
     if not runs:
         raise SystemExit(f"error: no run summaries in {results}; run the grid first")
+    if len(budgets) > 1:
+        (a, path_a), (b, path_b) = list(budgets.items())[:2]
+        raise SystemExit(f"error: {results} mixes runs of other settings: {path_a.name} ({' '.join(a[0])}) and "
+                         f"{path_b.name} ({' '.join(b[0])}); keep one budget per --results folder")
+    (flags, questions), = budgets
+    budget = dict(zip(flags[0::2], flags[1::2]))
+    steps = int(budget.get("--steps", args.steps))
     cells = [cell for cell in CELLS if cell in runs]
-    per_cell = {cell: [figures(s, args.prompts_per_step) for s in sorted(runs[cell], key=lambda s: s["seed"])]
-                for cell in cells}
-    lines = [f"Budget: {args.steps} steps x {args.prompts_per_step} prompts x G = {args.group_size}, lr {args.lr}; "
-             f"evaluation greedy on the first {args.eval_wiki} `wiki` test questions and the 73 `fanoutqa` "
-             f"questions. Each cell: mean ± sd over seeds (the per-seed values in brackets, seed 0 first); format "
-             f"mastery is the first step whose trajectories are ≥ {MASTERY:.0%} well-formed (— : not within the "
-             f"budget).", ""]
+    prompts = int(budget.get("--prompts-per-step", args.prompts_per_step))
+    per_cell = {cell: [figures(s, prompts) for s in sorted(runs[cell], key=lambda s: s["seed"])] for cell in cells}
+    lines = [f"Budget: {' '.join(flags)}; evaluation greedy on "
+             f"{' and '.join(f'{n:.0f} `{task}`' for task, n in questions)} questions. Each cell: mean ± sd over seeds "
+             f"(the per-seed values in brackets, seed 0 first); format mastery is the first step whose trajectories "
+             f"are ≥ {MASTERY:.0%} well-formed (— : not within the budget).", ""]
     base_path = results / "base.json"
     if base_path.exists():
-        base = json.loads(base_path.read_text())["eval"]
+        base = read_summary(base_path)["eval"]
         lines += [f"Before training (the same for every cell and seed): wiki EM {base['wiki']['em']:.3f}, F1 "
                   f"{base['wiki']['f1']:.3f}, well-formed {base['wiki']['format']:.2f}; fanoutqa EM "
                   f"{base['fanoutqa']['em']:.3f}, F1 {base['fanoutqa']['f1']:.3f}, well-formed "
@@ -343,7 +415,7 @@ def report(args) -> tuple[Path, Path]:
     lines += ["| claim | metric | a | b | seeds separate? | permutation p |", "|---|---|---|---|---|---|"]
     for a, b, key, better, claim in CLAIMS:
         if a in per_cell and b in per_cell:
-            answer, p = verdict([f[key] for f in per_cell[a]], [f[key] for f in per_cell[b]], better, args.steps)
+            answer, p = verdict([f[key] for f in per_cell[a]], [f[key] for f in per_cell[b]], better, steps)
             fmt = dict((k, f) for _, k, f in TABLE).get(key, "{:.3f}")
             lines.append(f"| {claim} | {key} ({better} is better) | {a}: "
                          f"{cell_text([f[key] for f in per_cell[a]], fmt)} | {b}: "
@@ -354,7 +426,7 @@ def report(args) -> tuple[Path, Path]:
                   f"{sum(f['wall_min'] for fs in per_cell.values() for f in fs) / 60:.1f} h."]
     table = results / "grid.md"
     table.write_text("\n".join(lines) + "\n")
-    return table, plot(runs, cells, Path(args.figure), args.prompts_per_step)
+    return table, plot(runs, cells, results / "curves.png", prompts)
 
 
 def plot(runs: dict, cells: list[str], path: Path, prompts_per_step: int) -> Path:
@@ -398,9 +470,7 @@ def plot(runs: dict, cells: list[str], path: Path, prompts_per_step: int) -> Pat
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The command line
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The command line ----
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="+", default=["all"],
@@ -417,9 +487,9 @@ def main(argv=None) -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further train.py flags for every run (last on the line), e.g. --max-new-tokens 40")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "grid"), help="folder of the runs (not committed)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "grid"),
-                        help="folder of the per-run summaries and the table (committed)")
-    parser.add_argument("--figure", default=str(ROOT / "docs" / "grid_curves.png"), help="the figure's path")
+    parser.add_argument("--results", default="",
+                        help="folder of the per-run summaries, the table grid.md and the curves curves.png (default: "
+                             "<runs>/results, a scratch folder; the committed grids are in benchmarks/results/)")
     parser.add_argument("--report-only", action="store_true", help="only redraw the table and the figure")
     parser.add_argument("--pause", action="store_true",
                         help="stop the running grid (and its train.py) so that other work can run alone; the paused "
@@ -428,6 +498,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.pause or args.go_on:
         return pause(Path(args.runs), stop=args.pause)
+    args.results = args.results or str(Path(args.runs) / "results")
     cells = [c for name in args.cells for c in GROUPS.get(name, [name])]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
@@ -444,12 +515,16 @@ def main(argv=None) -> None:
     if not args.report_only:
         try:  # one grid at a time in a --runs folder: a second would clear the first one's evaluations and runs
             with run_folder.exclusive(Path(args.runs), "--runs"):
-                (Path(args.runs) / "grid.pid").write_text(str(os.getpgrp()))
-                evaluate_base(args)
-                for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any its third
-                    for cell in cells:
-                        path = run_one(args, cell, seed)
-                        print(f"{cell} seed {seed}: {path}", flush=True)
+                pid_file = Path(args.runs) / "grid.pid"
+                pid_file.write_text(str(os.getpid()))
+                try:
+                    evaluate_base(args)
+                    for seed in range(args.seeds):  # seed-major: every cell gets its first seed before any its third
+                        for cell in cells:
+                            path = run_one(args, cell, seed)
+                            print(f"{cell} seed {seed}: {path}", flush=True)
+                finally:
+                    pid_file.unlink(missing_ok=True)
         except run_folder.UsageError as error:
             raise SystemExit(f"error: {error}") from None
     table, figure = report(args)

@@ -1,25 +1,19 @@
-"""Rollout throughput: the same trajectories generated five ways, on the embedded model, in one run.
+"""Rollout throughput: the same trajectories generated three ways, on the embedded model, in one run.
 
     python benchmarks/rollout_speed.py [--model smollm2-135m] [--trajectories 16] [--device cpu] [--dtype auto]
 
-The five ways, all greedy (so each does the same work: the same trajectories, up to float rounding), with the same
+The three ways, all greedy (so each does the same work: the same trajectories, up to float rounding), with the same
 questions, tools and limits:
 
     one at a time     this project's tool loop with a batch of 1
     HF generate       transformers' `generate` with `stop_strings`, all rows batched, one call per segment and the
                       tool loop around it: what a trainer without an inference server (TRL without vLLM) does.
                       Every call encodes each row's whole context again, and a call runs until its last row stops.
-    re-encoding       this project's batched loop, encoding each trajectory's whole context again every round
-                      (RolloutConfig(keep_cache=False), the reference path of the tests)
-    this project      the batched loop keeping each trajectory's keys and values across tool rounds
-    as stored         the same, with every weight as stored: on a CPU the loop multiplies by a weight stored
-                      column by column, or by a copy packed for oneDNN (rollout.decoding_layout), where a short
-                      measurement of its shape finds that faster (rollout.layout_for); here it does neither
+    this project      the batched loop: the shared prompt prefix encoded once, rows leaving as their segments end
 
 It prints, for each, the sampled and tool-response tokens, the wall time and sampled tokens per second, then the
 ratios of this project's loop to the others.
 """
-
 import argparse
 import pathlib
 import sys
@@ -30,7 +24,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
+import agent  # noqa: E402
 import kv_cache  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
@@ -42,16 +36,6 @@ def project_loop(model, tokenizer, examples, registry, config):
     trajectories = rollout.rollout(model, tokenizer, examples, registry, config)
     sampled = sum(sum(t.loss_mask) for t in trajectories)
     return sampled, sum(len(t.loss_mask) for t in trajectories) - sampled
-
-
-def as_stored_loop(model, tokenizer, examples, registry, config):
-    """project_loop with every weight as stored, whatever rollout.layout_for picked for its shape."""
-    chosen = rollout.layout_for
-    rollout.layout_for = lambda shape, dtype: "rows"
-    try:
-        return project_loop(model, tokenizer, examples, registry, config)
-    finally:
-        rollout.layout_for = chosen
 
 
 def hf_generate_loop(model, tokenizer, examples, registry, config):
@@ -109,28 +93,20 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                         help="the weights' dtype (auto: bf16 on CUDA, fp32 on the CPU, as train.py --dtype auto)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["one", "hf", "reencode", "layout"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["one", "hf"],
                         help="ways to leave out (one at a time is slow at large --trajectories)")
     args = parser.parse_args()
 
-    device, dtype = evaluation.device_and_dtype(args)  # --dtype auto as train.py reads it
-    evaluation.keep_freed_memory(device)  # as train.py and eval.py
+    device, dtype = agent.device_and_dtype(args)  # --dtype auto as train.py reads it
     model, tokenizer = models.load_model(args.model, device=device, dtype=dtype)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "test")[:args.trajectories // 2]
     settings = dict(group_size=2, temperature=0.0, max_new_tokens=96, max_total_tokens=1024, max_tool_calls=2)
     print(f"{args.model} on {args.device} in {dtype}, {len(examples)} questions x 2 = {2 * len(examples)} "
           f"trajectories, torch threads {torch.get_num_threads()}")
-    if device.type == "cpu":
-        shapes = sorted({(tuple(m.weight.shape), m.weight.dtype) for m in model.modules()
-                         if isinstance(m, torch.nn.Linear)})
-        print("each weight's layout while decoding (rollout.layout_for): " + ", ".join(
-            f"{out} x {in_} {rollout.layout_for((out, in_), dtype)}" for (out, in_), dtype in shapes))
     ways = {"one at a time": ("one", project_loop, dict(batch_size=1)),
             "HF generate": ("hf", hf_generate_loop, {}),
-            "re-encoding": ("reencode", project_loop, dict(batch_size=len(examples) * 2, keep_cache=False)),
-            "this project": ("", project_loop, dict(batch_size=len(examples) * 2)),
-            "as stored": ("layout", as_stored_loop, dict(batch_size=len(examples) * 2))}
+            "this project": ("", project_loop, dict(batch_size=len(examples) * 2))}
     speed = {}
     for name, (key, loop, extra) in ways.items():
         if key in args.skip:

@@ -33,7 +33,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
 import tools  # noqa: E402
@@ -91,7 +90,6 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    evaluation.keep_freed_memory(torch.device(args.device))  # as train.py and eval.py
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=torch.float32)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "train")[:args.questions]

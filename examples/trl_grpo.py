@@ -37,7 +37,7 @@ What a TRL user must know so that the reward sees what PRS scores, and how this 
    text: no error goes back to the model, and TRL's `tools/failure_frequency` does not count it. PRS does: its
    `tool_call` stage scores such a call invalid (`malformed_calls` in rounds.jsonl counts them).
 5. What PRS scores. TRL hands the reward parsed messages: `<think>` moved to `reasoning_content`, tool calls moved
-   after the text of their turn. `prs.trl_reward_for(tokenizer)` decodes `completion_ids` instead: the model's
+   after the text of their turn. `prs_adapters.trl_reward_for(tokenizer)` decodes `completion_ids` instead: the model's
    tokens and the tool responses in the order they were sampled, as verl's reward manager does.
 6. The schedule. PRS moves from format-heavy to answer-heavy weights over training. TRL's `global_step` counts
    optimizer steps; here each round of generation is followed by 2 of them (as train.py's --mini-batches 2), and
@@ -71,20 +71,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import agent  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import prs  # noqa: E402
+import prs_adapters  # noqa: E402
 import rollout  # noqa: E402
+import run_folder  # noqa: E402
 import tools  # noqa: E402
+from cli import UsageError  # noqa: E402
 
 OPTIMIZER_STEPS_PER_GENERATION = 2  # train.py's --mini-batches 2: the batch of a round is split in two steps
-SIGNATURE = prs.SIGNATURE_TOOLS["search"]  # the search tool's name, description and parameters, as PRS checks calls
+SIGNATURE = prs_adapters.SIGNATURE_TOOLS["search"]  # the search tool's name, description and parameters (PRS checks)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The tool and the prompt, as TRL wants them
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The tool and the prompt, as TRL wants them ----
 def make_search(passage_chars: int = 200):
     """This project's BM25 search over the 10,033 Wikipedia summaries, as a Python function TRL can call (TRL builds
     its JSON schema from the type hints and the docstring)."""
@@ -159,9 +161,7 @@ def project_loop(search, rollout_config: rollout.RolloutConfig):
     return rollout_func
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# What TRL does not log: malformed calls, and the time and memory of each round
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- What TRL does not log: malformed calls, and the time and memory of each round ----
 class RoundLog:
     """A reward function with weight 0 that watches every round's completions, and writes a row per round (TRL
     calls reward functions once per generation)."""
@@ -178,7 +178,7 @@ class RoundLog:
         if executed_calls is None:  # TRL's loop: a `tool` message per call it ran
             executed_calls = [sum(m.get("role") == "tool" for m in completion) for completion in completions]
         bodies = [b for text in texts for b in tools.find_tool_calls(text)]
-        rewards = prs.trl_reward(prompts, completions, completion_ids=completion_ids, tokenizer=self.tokenizer,
+        rewards = prs_adapters.trl_reward(prompts, completions, completion_ids=completion_ids, tokenizer=self.tokenizer,
                                  golden_answers=golden_answers, trainer_state=trainer_state,
                                  optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)
         now = time.perf_counter()
@@ -193,14 +193,12 @@ class RoundLog:
         self.started = now
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(evaluation.jsonl_line(row))
+            handle.write(run_folder.jsonl_line(row))
         return [0.0] * len(texts)
 
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The run ----
 def train(args) -> Path:
     """Train with TRL's GRPOTrainer; returns the folder of the trained model."""
     from trl import GRPOConfig, GRPOTrainer
@@ -230,7 +228,8 @@ def train(args) -> Path:
         use_cpu=not torch.cuda.is_available(), shuffle_dataset=False, logging_steps=1, save_strategy="no",
         report_to="none", reward_weights=[1.0, 0.0])
     watch = RoundLog(output / "rounds.jsonl", tokenizer)
-    reward = prs.trl_reward_for(tokenizer, optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)  # item 5
+    reward = prs_adapters.trl_reward_for(tokenizer,  # item 5
+                                         optimizer_steps_per_generation=OPTIMIZER_STEPS_PER_GENERATION)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward, watch], args=config, processing_class=tokenizer,
                           train_dataset=dataset(args.rounds, args.prompts_per_round, args.seed, args.max_tool_calls,
                                                 args.loop), **loop)
@@ -270,21 +269,28 @@ def main(argv=None) -> None:
              "a positive number"),
             ("--max-tool-calls", args.max_tool_calls, args.max_tool_calls >= 1, "at least 1"),
             ("--max-completion-length", args.max_completion_length, args.max_completion_length >= 1, "at least 1"),
-            ("--eval-size", args.eval_size, args.eval_size >= 1, "at least 1")]:
+            ("--eval-size", args.eval_size, args.eval_size >= 1, "at least 1"),
+            ("--seed", args.seed, 0 <= args.seed < 2**32, f"in [0, {2**32 - 1}]")]:
         if not ok:
             parser.error(f"{flag} {value}: must be {must}")
     try:
         import trl  # noqa: F401
     except ImportError:
         sys.exit("error: this example needs TRL: pip install trl==1.16.0")
-    # Refuse before training, not after it: eval.py would refuse to write over an earlier evaluation at the end.
     output = Path(args.output_dir)
-    earlier = [name for name in ("final", "eval") if (output / name).exists()]
-    if earlier:
-        parser.error(f"--output-dir {output} holds an earlier run ({' and '.join(earlier)}/): choose another")
-    if (output / "rounds.jsonl").exists():
-        print(f"note: {output} holds a run that stopped before its end; this run starts again and replaces its log")
-    final = train(args)
+    try:
+        with run_folder.exclusive(output):  # one process at a time in a folder, as train.py
+            # Refuse before training, not after it: eval.py would refuse to write over an earlier evaluation.
+            earlier = [name for name in ("final", "eval") if (output / name).exists()]
+            if earlier:
+                raise UsageError(f"--output-dir {output} holds an earlier run ({' and '.join(earlier)}/): "
+                                       f"choose another")
+            if (output / "rounds.jsonl").exists():
+                print(f"note: {output} holds a run that stopped before its end; this run starts again and replaces "
+                      f"its log")
+            final = train(args)
+    except agent.USER_ERRORS as error:
+        sys.exit(f"error: {error}")
     evaluation.main(["--model", str(final), "--task", "wiki", "--limit", str(args.eval_size), "--max-tool-calls",
                      str(args.max_tool_calls), "--output", str(output / "eval")])
     rows = [json.loads(line) for line in (output / "rounds.jsonl").read_text().splitlines()]

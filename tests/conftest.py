@@ -1,4 +1,9 @@
-"""Shared fixtures: the real corpus, a BM25 index over it, and the tiny and embedded models (built once per run)."""
+"""Shared fixtures and helpers: the real corpus, a BM25 index over it, the tiny and embedded models (built once per
+run), the tiny agent taught the format, and a small training run of it."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -6,6 +11,9 @@ import assets
 import data
 import models
 import tools
+import train
+
+TIMING = {"step_seconds", "rollout_tokens_per_s"}  # with time_*, the only metrics that differ between identical runs
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +89,36 @@ def _teach_format(model, tokenizer, bm25, out):
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def small(agent, output, *extra):
+    """Flags for a small, fast run of the tiny agent."""
+    return ["--model", str(agent), "--output-dir", str(output), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "40", "--max-total-tokens", "900", "--eval-size", "4", "--micro-batch-size", "4",
+            "--temperature", "1.0", "--lr", "1e-3", "--no-few-shot", "--passage-chars", "60", *extra]
+
+
+@pytest.fixture(scope="session")
+def vspo_run(tiny_agent, tmp_path_factory):
+    """One 2-step run of the default algorithm, shared by the tests that only read it or copy it."""
+    output = tmp_path_factory.mktemp("vspo-run")
+    train.main(small(tiny_agent, output, "--steps", "2"))
+    return output
+
+
+def copy_run(run, destination):
+    shutil.copytree(run, destination)
+    return destination
+
+
+def rows(output):
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_steps(a_rows, b_rows, steps, ignore=()):
+    def kept(row):
+        return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_") and k not in ignore}
+
+    a, b = {row["step"]: kept(row) for row in a_rows}, {row["step"]: kept(row) for row in b_rows}
+    for step in steps:
+        assert a[step] == b[step], step

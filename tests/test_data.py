@@ -63,9 +63,7 @@ def test_unknown_task_and_split_are_named():
         data.load_task("wiki", "dev")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Search-R1 / FlashRAG jsonl
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Search-R1 / FlashRAG jsonl ----
 def write_lines(path, lines):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

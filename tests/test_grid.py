@@ -59,15 +59,21 @@ def test_a_second_grid_on_the_same_runs_folder_stops_before_touching_it(tmp_path
         assert sorted(p.name for p in runs.iterdir()) == ["base", "run.pid"]  # no grid.pid written over, nothing run
 
 
+EXTRA = ["--extra", "--max-new-tokens", "40", "--max-total-tokens", "900", "--temperature", "1.0", "--no-few-shot",
+         "--passage-chars", "60"]
+
+
+def smoke_flags(agent, tmp_path, *more):
+    return ["--model", str(agent), "--cells", "prs-vspo", "prs-grpo", "--seeds", "1", "--steps", "1",
+            "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-3", "--eval-wiki", "2",
+            "--runs", str(tmp_path / "runs"), *more, *EXTRA]
+
+
 def test_the_grid_runs_summarises_skips_and_reports(tiny_agent, tmp_path, capsys):
-    flags = ["--model", str(tiny_agent), "--cells", "prs-vspo", "prs-grpo", "--seeds", "1", "--steps", "1",
-             "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-3", "--eval-wiki", "2",
-             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-             "--figure", str(tmp_path / "grid.png"),
-             "--extra", "--max-new-tokens", "40", "--max-total-tokens", "900", "--temperature", "1.0",
-             "--no-few-shot", "--passage-chars", "60"]
+    flags = smoke_flags(tiny_agent, tmp_path)  # no --results: a scratch folder under --runs, never the committed one
     grid.main(flags)
-    results = tmp_path / "results"
+    results = tmp_path / "runs" / "results"
+    assert not (tmp_path / "runs" / "grid.pid").exists()  # the grid says it runs only while it does
     names = sorted(p.name for p in results.glob("*.json"))
     assert names == ["base.json", "prs-grpo-seed0.json", "prs-vspo-seed0.json"]
     summary = json.loads((results / "prs-vspo-seed0.json").read_text())
@@ -78,7 +84,9 @@ def test_the_grid_runs_summarises_skips_and_reports(tiny_agent, tmp_path, capsys
     table = (results / "grid.md").read_text()
     assert "| prs-vspo | 1 |" in table and "| prs-grpo | 1 |" in table
     assert "VSPO scores higher EM than GRPO (PRS)" in table and "too few seeds" in table
-    assert (tmp_path / "grid.png").stat().st_size > 10_000
+    assert (results / "curves.png").stat().st_size > 10_000
+    assert json.loads((results / "base.json").read_text())["flags"][:2] == ["--model", str(tiny_agent)]
+    assert summary["flags"][:2] == ["--model", str(tiny_agent)] and summary["commit"]
     # A finished run is skipped: its summary is not written again, no train.py or eval.py runs.
     stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
     capsys.readouterr()
@@ -95,3 +103,90 @@ def test_a_bad_budget_is_named_before_anything_runs(flag, value, message, tmp_pa
     with pytest.raises(SystemExit):
         grid.main([flag, value, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
     assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def summary_of(cell, seed, budget):
+    return {"cell": cell, "seed": seed, "flags": [*grid.CELLS[cell][0], *budget, "--seed", str(seed)], "steps": [],
+            "eval": {"wiki": {"questions": 100.0}, "fanoutqa": {"questions": 73.0}}}
+
+
+def test_a_results_folder_never_mixes_budgets_or_models(tmp_path):
+    # A smoke run of the tiny model beside a real 20-step summary: the table would average the two in one cell.
+    results = tmp_path / "results"
+    real = ["--model", "smollm2-135m", "--steps", "20"]
+    grid.write_json(results / "prs-vspo-seed0.json", summary_of("prs-vspo", 0, real))
+    tiny = ["--model", "tiny-random", "--steps", "1"]
+    grid.write_json(results / "prs-vspo-seed1.json", summary_of("prs-vspo", 1, tiny))
+    with pytest.raises(SystemExit, match="mixes runs of other settings: prs-vspo-seed0.json .* and prs-vspo-seed1"):
+        grid.main(["--report-only", "--results", str(results)])
+    assert not (results / "grid.md").exists()
+
+
+def test_a_summary_of_other_settings_is_never_replaced(tiny_agent, tmp_path):
+    results = tmp_path / "results"
+    flags = smoke_flags(tiny_agent, tmp_path, "--results", str(results))
+    extra_eval = grid.agent_flags(EXTRA[1:])
+    base = ["--model", str(tiny_agent), "--task", "wiki", "fanoutqa", "--limit", "2", *extra_eval]
+    grid.write_json(results / "base.json", {"flags": base, "eval": {}})
+    grid.write_json(results / "prs-vspo-seed0.json", summary_of("prs-vspo", 0, ["--model", "smollm2-135m"]))
+    before = (results / "prs-vspo-seed0.json").read_text()
+    with pytest.raises(SystemExit, match="prs-vspo-seed0.json holds a run of other settings"):
+        grid.main(flags)
+    assert (results / "prs-vspo-seed0.json").read_text() == before
+    assert not (tmp_path / "runs" / "prs-vspo").exists()  # nothing trained
+
+
+def test_a_base_evaluation_of_other_settings_is_refused_and_a_folder_not_the_grids_is_kept(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    grid.write_json(results / "base.json", {"flags": ["--model", "smollm2-135m"], "eval": {}})
+    with pytest.raises(SystemExit, match="base.json holds the evaluation of other settings"):
+        grid.main(["--model", "tiny-random", "--runs", str(runs), "--results", str(results)])
+    (results / "base.json").unlink()
+    (runs / "base").mkdir(parents=True)
+    (runs / "base" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="base: not a folder this grid made"):
+        grid.main(["--model", "tiny-random", "--runs", str(runs), "--results", str(results)])
+    assert (runs / "base" / "notes.txt").read_text() == "mine"
+
+
+def test_a_summary_cut_short_is_named(tmp_path):
+    (tmp_path / "prs-vspo-seed0.json").write_text('{"cell": "prs-vs')
+    with pytest.raises(SystemExit, match="prs-vspo-seed0.json: not a run summary"):
+        grid.main(["--report-only", "--results", str(tmp_path)])
+
+
+def test_pause_stops_only_the_grid_and_what_it_runs(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for content, message in [("", "not a process id"), ("garbage", "not a process id"),
+                             (str(os.getpid()), "which is not a grid")]:  # this test's own process: never stopped
+        (runs / "grid.pid").write_text(content)
+        with pytest.raises(SystemExit, match=message):
+            grid.main(["--pause", "--runs", str(runs)])
+    # a stand-in grid: a script named grid.py that starts a child, as the grid starts train.py
+    script = tmp_path / "grid.py"
+    script.write_text("import subprocess, sys, time\n"
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                      "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    fake = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(fake.stdout.readline())
+        (runs / "grid.pid").write_text(str(fake.pid))
+
+        def state(pid):
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+        grid.main(["--pause", "--runs", str(runs)])
+        time.sleep(0.2)
+        assert state(fake.pid) == state(child) == "T" and state(os.getpid()) != "T"
+        grid.main(["--continue", "--runs", str(runs)])
+        time.sleep(0.2)
+        assert state(fake.pid) != "T" and state(child) != "T"
+    finally:
+        for pid in (fake.pid, child):
+            os.kill(pid, 9)
+        fake.wait()

@@ -302,9 +302,7 @@ def test_docstring_examples_hold():
     assert doctest.testmod(judge_lib).failed == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Whatever a server answers, a judge call ends as a score or as unscored and counted
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Whatever a server answers, a judge call ends as a score or as unscored and counted ----
 @pytest.mark.parametrize("body", ['{"choices": [', "not json at all", "", '{"choices": "none"}', "[1, 2]",
                                   '{"choices": [{"message": {"content": 7}}]}', '{"choices": {}}',
                                   '{"choices": {"0": 1}}'])

@@ -43,8 +43,11 @@ def test_the_citation_check_catches_a_dead_citation():
 PIECES = {
     "vspo": ["vspo.py"],
     "prs": ["prs.py", "tools.py"],
+    "prs_adapters": ["prs_adapters.py", "prs.py", "tools.py"],
     "istar": ["istar.py", "vspo.py"],
     "judge": ["judge.py"],
+    "tools": ["tools.py"],
+    "rollout": ["rollout.py", "kv_cache.py", "tools.py"],
 }
 
 
@@ -74,7 +77,68 @@ def test_every_modules_examples_hold(module):
 
 def test_readme_lists_what_each_piece_needs():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Using the pieces elsewhere", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Copying a piece", 1)[1].split("\n## ", 1)[0]
     for piece, files in PIECES.items():
         line = next(line for line in section.splitlines() if line.startswith(f"| `{piece}.py`"))
         assert all(f"`{name}`" in line for name in files), line
+
+
+def test_method_names_code_that_exists():
+    # Under each subsection of METHOD.md an "In code:" line names the functions that implement it; each must exist.
+    import importlib
+
+    text = (ROOT / "docs" / "METHOD.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"(?ms)^In code: (.*?)(?:\n\n|\Z)", text)
+    assert len(blocks) >= 18
+    named = [name for block in blocks for name in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", block)]
+    missing = []
+    for name in named:
+        if name.endswith(".py"):  # a file named whole
+            missing += [] if (ROOT / name).exists() else [name]
+            continue
+        module, *attributes = name.split(".")
+        target = importlib.import_module(module)
+        for attribute in attributes:
+            target = getattr(target, attribute, None)
+        if target is None:
+            missing.append(name)
+    assert len(named) > 40 and not missing, missing
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Which of the project's top-level modules each one imports (at module level or inside a function)."""
+    import ast
+
+    modules = {path.stem: path for path in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):  # imports for type checkers only are never run
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                node.body = []
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[name] = (found & set(modules)) - {name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    graph = project_imports()
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    circles = sorted(name for name in graph if reaches(name, name))
+    assert not circles, f"import circles through {circles}"
+    assert graph["rollout"] <= {"kv_cache", "tools"} and graph["tools"] == set()  # what copying each one drags
+
+
+def test_the_front_page_and_the_files_stay_readable():
+    assert (ROOT / "README.md").stat().st_size <= 20_000, "README is a front page: dated figures go to benchmarks/"
+    long = {path.name: n for path in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600}
+    assert not long, long

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 import prs
+import prs_adapters
 import tools
-from prs import (binary_reward, compute_score, evidence_score, exact_match, format_score, la_bleu, prs_reward,
-                 stage_weights, token_f1, tool_call_score, trl_reward)
+from prs import (binary_reward, evidence_score, exact_match, format_score, la_bleu, prs_reward, stage_weights,
+                 token_f1, tool_call_score)
+from prs_adapters import compute_score, trl_reward
 from tools import extract_answer, normalize_answer
 
 TOOLS = {"search": tools.search_tool(lambda query, k: []), "calculator": tools.calculator_tool()}
@@ -45,9 +47,7 @@ def final(response: str, gold="Nile", **options):
     return prs_reward(response, gold, TOOLS, step=99, total_steps=100, **options)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Exact match, token F1, answer extraction
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Exact match, token F1, answer extraction ----
 @pytest.mark.parametrize("prediction, answers, expected", [
     ("The Eiffel Tower!", ["eiffel tower"], 1.0),
     ("  eiffel   TOWER ", "The Eiffel Tower", 1.0),
@@ -94,9 +94,7 @@ def test_extract_answer_reads_the_response_alone_not_the_prompt():
     assert extract_answer(prompt + response) == "Paris"  # even if a caller glued them, the final block is taken
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Length-aware BLEU: sacrebleu in its regime, 1 for any exact match, padding costs
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Length-aware BLEU: sacrebleu in its regime, 1 for any exact match, padding costs ----
 WORDS = st.sampled_from(["nile", "river", "the", "longest", "in", "africa", "is", "a", "Paris,", "U.S.", "(1892)",
                          "ballet", "Nutcracker", "tower", "'s", "blue"])
 PHRASES = st.lists(WORDS, min_size=1, max_size=30).map(" ".join)
@@ -135,9 +133,7 @@ def test_la_bleu_scores_short_answers_and_penalizes_both_lengths():
     assert too_short == pytest.approx(too_long * 2)  # BP = exp(1 - 2) with precision 1; LP = exp(1 - 2) with p = 1/2
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The stages one by one
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The stages one by one ----
 GOOD_CALL, SEARCHED = call(), env("Doc 1 (Title: Nile) The Nile is long.")
 
 
@@ -189,9 +185,7 @@ def test_evidence_counts_only_tool_responses_and_whole_words():
     assert evidence_score(env("The Nile."), ["the"]) == 0.0  # a gold that normalizes to nothing is never found
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Schedule and the staged reward: properties
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Schedule and the staged reward: properties ----
 STEPS = st.integers(-5, 3000)
 TOTALS = st.integers(0, 2000)
 WEIGHT_VECTORS = st.fixed_dictionaries({stage: st.floats(0, 10) for stage in STAGES}).filter(
@@ -288,9 +282,7 @@ def test_answer_is_not_gated_on_evidence_unless_asked():
     assert final(missed, answer_needs_evidence=True).gated["answer"] == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reward hacking: each scores low, the honest answer scores 1
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Reward hacking: each scores low, the honest answer scores 1 ----
 def test_honest_answer_scores_1():
     assert final(respond("Nile")).total == 1.0 and final(respond("the Nile.")).total == 1.0
 
@@ -341,9 +333,7 @@ def test_hack_tool_response_written_by_the_model():
     assert final(response).total == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Adapters, called the way TRL's GRPOTrainer and verl's NaiveRewardManager call them
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Adapters, called the way TRL's GRPOTrainer and verl's NaiveRewardManager call them ----
 def test_trl_reward_called_like_grpo_trainer():
     from transformers import TrainerState
 
@@ -380,7 +370,7 @@ def test_trl_reward_scores_the_reasoning_trl_moved_out_of_the_content():
                 {"role": "assistant", "content": "<answer>Nile</answer>"}]
 
     state = {"golden_answers": [["Nile"]]}
-    assert prs._completion_text(turns("Search first."))[:len("<think>Search first.</think>")] == \
+    assert prs_adapters._completion_text(turns("Search first."))[:len("<think>Search first.</think>")] == \
         "<think>Search first.</think>"
     assert trl_reward(["Q?"], [turns("Search first.")], **state) == [1.0]
     assert trl_reward(["Q?"], [turns("I know: <answer>Nile")], **state) == [0.0]  # an unclosed tag in the thinking
@@ -399,7 +389,7 @@ def test_trl_reward_for_a_tokenizer_scores_the_sampled_order(tiny):
               {"role": "assistant", "content": "<answer>Nile</answer>"}]
     columns = {"golden_answers": [["Nile"]], "completion_ids": [ids]}
     assert trl_reward(["Q?"], [parsed], **columns) == [1.0]  # the reordered text looks well formed
-    reward = prs.trl_reward_for(tokenizer)
+    reward = prs_adapters.trl_reward_for(tokenizer)
     assert reward.__name__ == "prs" and reward(["Q?"], [parsed], **columns) == [0.0]
     # and the template's role line between a call and its response ("user" once special tokens are gone) is fine
     clean = call("Nile") + "\nuser\n" + env("Doc 1 (Title: Nile) The Nile is long.") + "\nassistant\n<answer>Nile</answer>"
@@ -413,7 +403,7 @@ def test_trl_reward_schedule_counts_generation_rounds_not_optimizer_steps():
     # 4 rounds of generation, 2 optimizer steps after each: global_step is 0, 2, 4, 6 of max_steps 8.
     text = respond("Nile River")
     last_round = TrainerState(global_step=6, max_steps=8)
-    bound = prs.trl_reward_for(optimizer_steps_per_generation=2)
+    bound = prs_adapters.trl_reward_for(optimizer_steps_per_generation=2)
     assert bound(["Q?"], [text], golden_answers=[["Nile"]], trainer_state=last_round) == \
         [prs_reward(text, ["Nile"], TOOLS, step=3, total_steps=4).total] == [final(text).total]
     assert trl_reward(["Q?"], [text], golden_answers=[["Nile"]], trainer_state=last_round) != [final(text).total]

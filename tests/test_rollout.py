@@ -5,7 +5,6 @@ sequence, so masks, spans, stop points and tool responses can be checked exactly
 model's own logits, so the recorded log-probs are real and can be compared with a recomputation.
 """
 
-import functools
 import json
 import warnings
 
@@ -15,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessor
 
-import data
 import eval as evaluation
+import run_folder
 import kv_cache
 import models
 import prs
@@ -107,9 +106,7 @@ def tool_tokens(tok, observation):
     return tok(tools.format_tool_response(observation), add_special_tokens=False).input_ids
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Masks, spans, tool responses, token-in/token-out
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Masks, spans, tool responses, token-in/token-out ----
 def test_masks_spans_and_tool_responses_are_exact(model, tok):
     (t,) = run(model, tok, {"a": [CALL, BAD_CALL, ANSWER]})
     assert t.stop_reason == "answer" and t.answer == "Nile"
@@ -146,7 +143,7 @@ def test_a_lone_surrogate_in_a_call_is_run_and_its_record_written(model, tok, tm
     assert "You searched for ? Paris." in t.tool_calls[0].observation
     path = tmp_path / "records.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(evaluation.jsonl_line(evaluation._record(t, None)))
+        handle.write(run_folder.jsonl_line(evaluation._record(t, None)))
     record = json.loads(path.read_text(encoding="utf-8"))
     assert record["calls"][0]["arguments"]["query"] == "\ud800 Paris" and record["answer"] == "Nile"
 
@@ -190,8 +187,7 @@ def test_a_segment_stops_at_the_token_that_completes_the_stop_string(model, tok,
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_sampling_draws_each_token_with_its_tempered_probability(top_p):
-    # rollout.sample inverts the running sum of the probabilities instead of calling torch.multinomial: the same
-    # distribution, softmax(scores / T) cut to the top_p nucleus and renormalized, checked on 40,000 draws.
+    # softmax(scores / T) cut to the top_p nucleus and renormalized, checked on 40,000 draws
     scores = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     torch.manual_seed(0)
     drawn = rollout.sample(scores.expand(40_000, -1), temperature=0.7, top_p=top_p)  # [40000]
@@ -209,8 +205,8 @@ def test_sampling_draws_each_token_with_its_tempered_probability(top_p):
 @given(finite=st.lists(st.booleans(), min_size=2, max_size=40), seed=st.integers(0, 2**16),
        temperature=st.sampled_from([0.3, 0.7, 1.0, 1.5]))
 def test_sampling_never_draws_a_token_of_probability_zero(finite, seed, temperature):
-    # Tokens a logits processor set to -inf have probability 0, and their interval of the running sum is empty:
-    # whatever the uniform draw (0 included), the token drawn has a finite score, at either end of the vocabulary too.
+    # Tokens a logits processor set to -inf have probability 0: the token drawn has a finite score, at either end of
+    # the vocabulary too.
     if not any(finite):
         finite[0] = True
     generator = torch.Generator().manual_seed(seed)
@@ -219,15 +215,6 @@ def test_sampling_never_draws_a_token_of_probability_zero(finite, seed, temperat
     torch.manual_seed(seed)
     drawn = rollout.sample(scores, temperature, top_p=1.0)  # [64]
     assert torch.isfinite(scores.gather(1, drawn[:, None])).all()
-
-
-def test_sampling_at_the_top_of_the_uniform_range_draws_the_last_likely_token(monkeypatch):
-    # torch.rand's largest value times the running sum's total can round up to the total itself; the draw must then
-    # still land in a token's interval (the last token of positive probability), not past the end of the vocabulary
-    # or on the zero-probability tokens after it.
-    scores = torch.tensor([[0.5, 1.0, 2.0, float("-inf"), float("-inf")]])
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, **kwargs))  # u = c_V exactly
-    assert rollout.sample(scores, temperature=0.7, top_p=1.0).tolist() == [2]
 
 
 @settings(max_examples=60, deadline=None)
@@ -267,9 +254,7 @@ def test_a_tool_response_that_exactly_fills_the_budget_is_kept(model, tok):
     assert TOOL_RESPONSE_OPEN not in short.text and sampled(short) == segment_ids(tok, CALL)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Stop reasons and groups
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Stop reasons and groups ----
 def test_the_cache_goes_by_the_name_the_installed_transformers_reads(model, tok):
     class Before(torch.nn.Module):  # transformers before the rename
         def forward(self, input_ids=None, past_key_values=None):
@@ -321,43 +306,19 @@ def test_a_ragged_batch_gives_each_trajectory_what_it_gets_alone(model, tok):
             assert torch.allclose(torch.tensor(other.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
 
 
-def test_keeping_each_rows_keys_and_values_across_rounds_changes_nothing(model, tok):
-    # Three tool rounds for some rows, rows leaving after one segment, a row that pauses mid-segment (refill_below):
-    # the kept-cache loop encodes only new tokens each round, the reference loop encodes every context again.
-    scripts = {"a": [CALL, BAD_CALL, CALL, ANSWER], "b": [ANSWER], "c": [CALL, ANSWER], "d": [["Hmm " * 12, "EOS"]]}
-    for settings in ({}, {"batch_size": 2}, {"refill_below": 0.9}):
-        kept = run(model, tok, scripts, group_size=2, **settings)
-        fresh = run(model, tok, scripts, group_size=2, keep_cache=False, **settings)
-        for a, b in zip(kept, fresh):
-            assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask and a.steps == b.steps
-            assert a.stop_reason == b.stop_reason and [c.span for c in a.tool_calls] == [c.span for c in b.tool_calls]
-            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5), settings
-
-
-def test_batch_cache_lays_out_kept_rows_after_the_shared_prefix(model):
+def test_encode_lays_rows_out_after_the_shared_prefix_each_as_it_is_alone(model):
     contexts = [[5, 6, 7, 8, 9], [5, 6, 11, 12]]
     with torch.no_grad():
         prefix = kv_cache.prefix_cache(model, torch.tensor([[5, 6]]), rows=1)
-        kept = []
-        for context in contexts:  # each row encoded alone, all of it but its last token
-            cache = kv_cache.returned_cache(model(input_ids=torch.tensor([context[:-1]]), use_cache=True))
-            kept.append(kv_cache.row_cache(cache, torch.ones(1, len(context) - 1), 0, prefix_length=2))
-    assert [row.length for row in kept] == [2, 1]
-    cache, mask = kv_cache.batch_cache(prefix, kept, prefix_length=2, room=3)
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
-    for layer, alone in zip(cache.layers, kept[1].keys):
-        assert torch.equal(layer.keys[1, :, 3:], alone) and (layer.keys[1, :, 2] == 0).all()
-        assert torch.equal(layer.keys[0, :, :2], layer.keys[1, :, :2])  # the shared prefix in every row
-        assert layer.keys.shape[2] == 4 and layer.room_keys.shape[2] == 4 + 3  # filled, and room to grow
-    new = torch.ones(2, cache.layers[0].keys.shape[1], 5, cache.layers[0].keys.shape[3])
-    layer = cache.layers[0]
-    keys, _ = layer.update(new, new)  # past its room: it grows, and keeps what it held
-    assert keys.shape[2] == 9 and torch.equal(keys[:, :, 4:], new) and torch.equal(keys[1, :, 3], kept[1].keys[0][:, 0])
+        cache, mask = kv_cache.encode(model, contexts, prefix, prefix_length=2, pad_id=0)
+        alone = [kv_cache.returned_cache(model(input_ids=torch.tensor([c[:-1]]), use_cache=True)) for c in contexts]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]  # [prefix | padding | own], all of a row but its last token
+    for layer, first, second in zip(cache.layers, alone[0].layers, alone[1].layers):
+        assert torch.allclose(layer.keys[0], first.keys[0], atol=1e-5)  # each row as it is alone
+        assert torch.allclose(layer.keys[1, :, [0, 1, 3]], second.keys[0], atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Log-probs: recorded while sampling == recomputed afterwards
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Log-probs: recorded while sampling == recomputed afterwards ----
 def assert_recompute_matches(model, tok, trajectories, temperature=1.0):
     batch = collate(trajectories, tok.pad_token_id)
     mask = batch.loss_mask.bool()
@@ -428,9 +389,7 @@ def test_a_shared_prefix_backpropagated_once_gives_the_full_gradient(model, tok)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(expected, shared))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompt and padding
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Prompt and padding ----
 def test_prompt_describes_the_tools_and_holds_the_question(tok):
     text = tok.apply_chat_template(rollout.build_messages("Where is the Nile?", TOOLS, 4, few_shot=True),
                                    tokenize=False, add_generation_prompt=True)
@@ -454,9 +413,7 @@ def test_pad_batch_keeps_each_rows_tokens_at_positions_from_zero():
     assert kv_cache.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps a token of its own
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The real embedded model
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- The real embedded model ----
 @pytest.mark.slow
 def test_embedded_model_searches_with_a_valid_call(embedded, bm25):
     model, tokenizer = embedded
@@ -471,130 +428,3 @@ def test_embedded_model_searches_with_a_valid_call(embedded, bm25):
         assert f"(Title: {title})" in t.tool_calls[0].observation  # the search found the gold article
         assert t.text.count(TOOL_RESPONSE_OPEN) == len([c for c in t.tool_calls if c.span != (-1, -1)])
     assert_recompute_matches(model, tokenizer, trajectories)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_embedded_model_gives_the_same_trajectories_with_kept_caches(embedded, bm25, temperature):
-    # The equality the kept caches promise, on the real model: greedy, and sampling from the same seed.
-    model, tokenizer = embedded
-    registry = {"search": tools.search_tool(bm25, passage_chars=200)}
-    examples = data.load_task("wiki", "test")[:4]
-    runs = []
-    for keep_cache in (True, False):
-        torch.manual_seed(0)
-        config = RolloutConfig(group_size=2, temperature=temperature, max_new_tokens=64, max_total_tokens=1024,
-                               max_tool_calls=2, keep_cache=keep_cache)
-        runs.append(rollout.rollout(model, tokenizer, examples, registry, config))
-    kept, fresh = runs
-    assert sum(len(t.tool_calls) for t in kept) >= 3  # tool rounds really happened
-    for a, b in zip(kept, fresh):
-        assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask and a.steps == b.steps
-        assert a.stop_reason == b.stop_reason and [c.span for c in a.tool_calls] == [c.span for c in b.tool_calls]
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
-
-
-def test_measuring_the_layout_leaves_the_global_generator_alone():
-    # The layout is measured inside the first rollout of a process: a draw from torch's global generator there
-    # made the first run of a seed sample differently from every later run of that seed in the same process.
-    state = torch.get_rng_state()
-    assert rollout.measure_layout((96, 64), torch.float32) in rollout.LAYOUTS
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def test_the_layout_measured_on_a_machine_is_kept_for_every_later_process(tmp_path, monkeypatch):
-    # A timing near the threshold decided differently from one process to the next, and the layouts round
-    # differently: two runs of one seed on one machine trained on different samples. The first answer is kept in
-    # the cache and every later process (here: the uncached function) reads it instead of measuring again.
-    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    decide = rollout.layout_for.__wrapped__
-    first = decide((96, 64), torch.float32)
-    kept = json.loads((tmp_path / "weight-layouts.json").read_text())
-    assert list(kept.values()) == [first] and "96x64 float32" in next(iter(kept))
-    key = next(iter(kept))
-    other = next(layout for layout in rollout.LAYOUTS if layout != first)
-    (tmp_path / "weight-layouts.json").write_text(json.dumps({key: other}))  # as if the first process had found that
-    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: pytest.fail("measured again"))
-    assert decide((96, 64), torch.float32) == other
-    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "columns")
-    assert decide((64, 96), torch.float32) == "columns"  # a new shape is measured and added beside the kept one
-    assert sorted(json.loads((tmp_path / "weight-layouts.json").read_text()).values()) == sorted([other, "columns"])
-
-
-def test_an_unreadable_layout_file_is_measured_again_and_rewritten(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    (tmp_path / "weight-layouts.json").write_text('{"half a file": "pa')
-    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "packed")
-    assert rollout.layout_for.__wrapped__((96, 64), torch.float32) == "packed"
-    assert "weight-layouts.json: not a file of weight layouts" in capsys.readouterr().err
-    assert list(json.loads((tmp_path / "weight-layouts.json").read_text()).values()) == ["packed"]
-    for wrong in ('{"a shape": true}', '{"a shape": ["rows"]}', '["rows"]'):  # JSON, but not a layout per shape
-        (tmp_path / "weight-layouts.json").write_text(wrong)
-        assert rollout.layout_for.__wrapped__((64, 96), torch.float32) == "packed"
-        assert "not a JSON object of rows/columns/packed per weight shape" in capsys.readouterr().err
-
-
-def test_a_layout_file_that_cannot_be_written_costs_a_warning_and_leaves_nothing_behind(tmp_path, monkeypatch,
-                                                                                        capsys):
-    monkeypatch.setenv("AGENTIC_RL_CACHE", str(tmp_path))
-    (tmp_path / "weight-layouts.json").mkdir()  # a folder where the file should be: neither read nor replaced
-    monkeypatch.setattr(rollout, "measure_layout", lambda shape, dtype: "rows")
-    assert rollout.layout_for.__wrapped__((96, 64), torch.float32) == "rows"
-    err = capsys.readouterr().err
-    assert "not a file of weight layouts" in err and "could not keep the measured weight layouts" in err
-    assert [p.name for p in tmp_path.iterdir()] == ["weight-layouts.json"]  # no temporary file left
-
-
-@pytest.mark.skipif(not rollout.packed_available(), reason="this torch has no oneDNN packed linear product")
-def test_the_packed_product_is_the_linear_layer_to_float_rounding():
-    # rollout._packed_linear stands in for nn.Linear's forward while a rollout runs where it measured fastest: the
-    # same products, with a bias and without, for any number of rows (a decode batch shrinks as rows finish) and
-    # for the 3-d inputs a transformer feeds it.
-    generator = torch.Generator().manual_seed(0)
-    for bias in (True, False):
-        layer = torch.nn.Linear(96, 160, bias=bias)
-        reordered = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 8)
-        for shape in ((1, 96), (3, 96), (8, 96), (17, 96), (2, 5, 96)):
-            x = torch.randn(shape, generator=generator)
-            with torch.no_grad():
-                assert torch.allclose(rollout._packed_linear(reordered, layer.bias, x), layer(x), atol=1e-5)
-
-
-@pytest.mark.parametrize("layout", [layout for layout in rollout.LAYOUTS if layout != "rows"
-                                    and (layout != "packed" or rollout.packed_available())])
-def test_the_decoding_layout_changes_no_value_and_is_undone(embedded, bm25, monkeypatch, layout):
-    # While a rollout runs on a CPU a linear weight is stored column by column, or multiplied in oneDNN's packed
-    # format, where that pays (rollout.decoding_layout, here forced for every weight): the same values, the same
-    # greedy trajectories, the output layer still tied to the input embedding, and every weight and forward back as
-    # they were afterwards (save_pretrained and the update see what they always saw).
-    model, tokenizer = embedded
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    strides = {name: p.stride() for name, p in model.named_parameters()}
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    monkeypatch.setattr(rollout, "layout_for", lambda shape, dtype: layout)  # whatever this CPU measured
-    with rollout.decoding_layout(model):
-        head = model.get_output_embeddings().weight
-        assert head is model.get_input_embeddings().weight  # still one tensor
-        assert torch.equal(head, before["model.embed_tokens.weight"])
-        moved = [name for name, p in model.named_parameters() if p.stride() != strides[name]]
-        if layout == "columns":
-            assert head.stride() == (1, head.shape[0])
-            # every linear layer's weight; the tied output layer's is named once, as model.embed_tokens.weight
-            assert len(moved) == len(linears)
-        else:
-            assert not moved and all(isinstance(m.__dict__.get("forward"), functools.partial) for m in linears)
-        assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert {name: p.stride() for name, p in model.named_parameters()} == strides
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert not any("forward" in m.__dict__ for m in linears)
-
-    registry = {"search": tools.search_tool(bm25, passage_chars=200)}
-    examples = data.load_task("wiki", "test")[:3]
-    config = RolloutConfig(group_size=2, temperature=0.0, max_new_tokens=48, max_total_tokens=1024, max_tool_calls=1)
-    laid_out = rollout.rollout(model, tokenizer, examples, registry, config)
-    monkeypatch.setattr(rollout, "layout_for", lambda shape, dtype: "rows")
-    plain = rollout.rollout(model, tokenizer, examples, registry, config)
-    assert sum(len(t.tool_calls) for t in plain) >= 2
-    for a, b in zip(laid_out, plain):
-        assert a.response_ids == b.response_ids and a.stop_reason == b.stop_reason
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import eval as evaluation
+import agent
 import tools
 from cli import UsageError
 from tools import (SearchR1Client, calculate, calculator_tool, execute, find_tool_calls,
@@ -31,9 +31,7 @@ def test_docstring_examples_are_true():
     assert result.attempted >= 8 and result.failed == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Parsing: each kind of error, precisely
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Parsing: each kind of error, precisely ----
 def test_valid_call_parses():
     call = parse_tool_call('{"name": "search", "arguments": {"query": "longest river"}}', TOOLS)
     assert call.ok and call.name == "search" and call.arguments == {"query": "longest river"}
@@ -100,9 +98,7 @@ def test_observations_are_truncated_to_the_budget():
     assert tools.truncate("short", 300) == "short"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Fuzzing: arbitrary and near-miss strings never raise
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Fuzzing: arbitrary and near-miss strings never raise ----
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
@@ -137,9 +133,7 @@ def test_calculator_tool_never_raises(expression):
     assert isinstance(result, str)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Calculator: arithmetic yes, code and huge numbers no
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Calculator: arithmetic yes, code and huge numbers no ----
 @pytest.mark.parametrize("expression, value", [
     ("1 + 2 * 3", 7), ("(1 + 2) * 3", 9), ("7 / 2", 3.5), ("7 // 2", 3), ("7 % 4", 3), ("-2 ** 2", -4),
     ("2 ** -1", 0.5), ("1e3 + 0.5", 1000.5), ("10 ** 100", 10 ** 100),
@@ -182,9 +176,7 @@ def test_calculator_tool_formats_results():
     assert tool.function(expression="import os") == "Error: not a valid arithmetic expression"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# BM25 over the real corpus
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- BM25 over the real corpus ----
 @pytest.mark.parametrize("query, title", [
     ("1892 ballet by Pyotr Ilyich Tchaikovsky", "The Nutcracker"),
     ("15th-century Inca citadel in Peru", "Machu Picchu"),
@@ -208,9 +200,7 @@ def test_search_tool_output_names_titles(bm25):
     assert observation.count("\nDoc ") == 1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Search-R1 retrieval server client, against a loopback server speaking its API
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Search-R1 retrieval server client, against a loopback server speaking its API ----
 class RetrievalHandler(BaseHTTPRequestHandler):
     mode = "ok"
     requests: list = []
@@ -314,7 +304,7 @@ def test_a_retrieval_url_that_does_not_speak_http_is_a_clear_error_at_the_start(
         with pytest.raises(RuntimeError, match="does not speak HTTP"):
             SearchR1Client(url, timeout=2)("x", 1)
         with pytest.raises(UsageError, match=f"--retriever '{url}'"):
-            evaluation.search_backend(url, "", "")
+            agent.search_backend(url, "", "")
     finally:
         listener.close()
 

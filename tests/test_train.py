@@ -4,17 +4,8 @@ each time); the command-line tests run real subprocesses."""
 
 import dataclasses
 import json
-import os
-import platform
 import re
-import shutil
-import signal
-import stat
-import subprocess
-import sys
 import threading
-import time
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,38 +16,13 @@ import eval as evaluation
 import models
 import prs
 import rollout
-import run_folder
 import settings
 import train
 import vspo
 from cli import parse
+from conftest import copy_run, rows, small
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = {"step_seconds", "rollout_tokens_per_s"}  # with time_*, the only metrics that differ between identical runs
-
-
-def small(agent, output, *extra):
-    """Flags for a small, fast run of the tiny agent."""
-    return ["--model", str(agent), "--output-dir", str(output), "--prompts-per-step", "2", "--group-size", "4",
-            "--max-new-tokens", "40", "--max-total-tokens", "900", "--eval-size", "4", "--micro-batch-size", "4",
-            "--temperature", "1.0", "--lr", "1e-3", "--no-few-shot", "--passage-chars", "60", *extra]
-
-
-@pytest.fixture(scope="module")
-def vspo_run(tiny_agent, tmp_path_factory):
-    """One 2-step run of the default algorithm, shared by the tests that only read it or copy it."""
-    output = tmp_path_factory.mktemp("vspo-run")
-    train.main(small(tiny_agent, output, "--steps", "2"))
-    return output
-
-
-def copy_run(run, destination):
-    shutil.copytree(run, destination)
-    return destination
-
-
-def rows(output):
-    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_wrote_a_run(output, steps):
@@ -137,125 +103,6 @@ def test_a_dead_group_in_the_batch_dilutes_the_token_mean():
     assert torch.allclose(grad_with_dead, grad_alone / 2)
 
 
-def assert_same_steps(a_rows, b_rows, steps, ignore=()):
-    def kept(row):
-        return {k: v for k, v in row.items() if k not in TIMING and not k.startswith("time_") and k not in ignore}
-
-    a, b = {row["step"]: kept(row) for row in a_rows}, {row["step"]: kept(row) for row in b_rows}
-    for step in steps:
-        assert a[step] == b[step], step
-
-
-def test_resume_continues_exactly(tiny_agent, tmp_path):
-    whole, split, extended = tmp_path / "whole", tmp_path / "split", tmp_path / "extended"
-    train.main(small(tiny_agent, whole, "--steps", "3", "--save-every", "1", "--keep-checkpoints", "3"))
-    # an interrupted run: resume from its step-1 checkpoint (into another folder, to compare)
-    train.main(["--resume", str(whole / "checkpoints" / "step-000001"), "--output-dir", str(split)])
-    assert [row["step"] for row in rows(split)] == [2, 3]
-    assert_same_steps(rows(whole), rows(split), [2, 3])
-    # N steps, then M more: the same as N + M uninterrupted when the PRS schedule was planned for N + M
-    train.main(small(tiny_agent, extended, "--steps", "1", "--schedule-steps", "3"))
-    train.main(["--resume", str(extended), "--steps", "3"])
-    assert [row["step"] for row in rows(extended)] == [0, 1, 2, 3]
-    assert_same_steps(rows(whole), rows(extended), [2, 3])
-    evaluation_at_the_first_end = {k for k in rows(extended)[1] if k.startswith("eval_")}
-    assert_same_steps(rows(whole), rows(extended), [1], ignore=evaluation_at_the_first_end)
-    weights = [(folder / "checkpoints" / "step-000003" / "model.safetensors").read_bytes()
-               for folder in (whole, split, extended)]
-    assert weights[0] == weights[1] == weights[2]
-    # every step really updated (so the AdamW moments restored on resume were used), and they match too
-    assert all(row["trained_on"] > 0 and row["skipped_updates"] == 0.0 for row in rows(whole)[1:])
-    assert weights[0] != (whole / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
-    states = [torch.load(folder / "checkpoints" / "step-000003" / "optimizer.pt")["optimizer"]["state"]
-              for folder in (whole, split, extended)]
-    assert states[0] and all(state[0]["step"] == 3 * 2 for state in states)  # 2 mini-batches a step
-    for other in states[1:]:
-        assert all(torch.equal(states[0][key][name], other[key][name]) for key in states[0] for name in states[0][key])
-    assert sorted(p.name for p in (whole / "checkpoints").glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3)]
-    assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
-
-
-def test_a_resumed_run_keeps_every_sample_row_whatever_text_it_holds(tmp_path):
-    # JSON leaves U+2028, U+2029 and U+0085 unescaped; a reader splitting lines at them drops the row (a retrieved
-    # passage or a model's response can hold any of them).
-    texts = ["line\u2028separator", "paragraph\u2029separator", "next\x85line", "form\x0cfeed", "plain"]
-    rows = [{"step": 1 + i % 2, "response": text} for i, text in enumerate(texts)]
-    (tmp_path / "samples.jsonl").write_text("".join(evaluation.jsonl_line(row) for row in rows), encoding="utf-8")
-    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{}")  # resumed from its step 2
-    run_folder.Logger(tmp_path, types.SimpleNamespace(wandb=False), start_step=2).close()
-    assert run_folder.read_jsonl(tmp_path / "samples.jsonl") == rows
-
-
-def test_resume_from_an_output_folder_trains_further(vspo_run, tmp_path):
-    run = copy_run(vspo_run, tmp_path / "run")
-    train.main(["--resume", str(run), "--steps", "3"])
-    assert [row["step"] for row in rows(run)] == [0, 1, 2, 3]
-    assert (run / "checkpoints" / "latest").read_text() == "step-000003"
-    assert json.loads((run / "args.json").read_text())["steps"] == 3
-
-
-def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(vspo_run, tiny_agent, tmp_path,
-                                                                       monkeypatch):
-    run = copy_run(vspo_run, tmp_path / "run")
-    before = (run / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as if the process died after the weights, before the rest
-
-    monkeypatch.setattr(type(models.load_tokenizer(str(tiny_agent))), "save_pretrained", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--resume", str(run), "--steps", "3"])
-    monkeypatch.undo()
-    latest = run_folder.find_checkpoint(str(run))
-    assert latest.name == "step-000002" and (latest / "model.safetensors").read_bytes() == before
-    assert not (run / "checkpoints" / "step-000003").exists()
-    models.load_model(str(latest))
-    train.main(["--resume", str(run), "--steps", "3"])  # and the run goes on from there
-    assert run_folder.find_checkpoint(str(run)).name == "step-000003"
-    assert not list((run / "checkpoints").glob(".tmp-*"))
-
-
-def test_a_checkpoint_is_on_disk_before_its_name_is(vspo_run, tmp_path, monkeypatch):
-    # A rename is atomic against a kill, not against a power cut: each file's data, then the folder, must be flushed
-    # before the name that promises them (the checkpoint's folder, then `latest`) is switched.
-    run = copy_run(vspo_run, tmp_path / "run")
-    events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
-    train.main(["--resume", str(run), "--steps", "3"])
-    monkeypatch.undo()
-    root = run / "checkpoints"
-    renamed = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "step-000003"))
-    tmp = Path(events[renamed][1])
-    synced = {e[1] for e in events[:renamed] if e[0] == "fsync"}
-    written = {str(tmp / p.relative_to(root / "step-000003")) for p in (root / "step-000003").rglob("*")}
-    assert written and written | {str(tmp)} <= synced, sorted(written - synced)
-    switched = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(root / "latest"))
-    assert ("fsync", str(root)) in events[renamed:switched]  # the new name itself, before `latest` names it
-    assert ("fsync", str(root / ".latest.tmp")) in events[renamed:switched]
-    assert ("fsync", str(root)) in events[switched:]
-
-
-def test_sigkill_at_any_moment_leaves_a_loadable_latest_checkpoint(tiny_agent, tmp_path):
-    command = [sys.executable, "train.py", *small(tiny_agent, tmp_path, "--steps", "50", "--save-every", "1",
-                                                  "--eval-size", "0")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (tmp_path / "checkpoints" / "step-000002").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    latest = run_folder.find_checkpoint(str(tmp_path))
-    models.load_model(str(latest))
-    json.loads((latest / "trainer_state.json").read_text())
-    torch.load(latest / "optimizer.pt", weights_only=False)
-
-
 def test_istar_credit_trains_a_prm_and_saves_it(tiny_agent, tmp_path):
     train.main(small(tiny_agent, tmp_path, "--steps", "2", "--credit", "istar", "--istar-lr", "1e-3"))
     metrics = assert_wrote_a_run(tmp_path, steps=2)
@@ -284,9 +131,7 @@ def test_plot_only_redraws_the_curves(vspo_run, tmp_path):
     assert (run / "training_curves.png").stat().st_size > 10_000
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Long-form: the judge behind a loopback chat-completions server (the one network boundary)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- Long-form: the judge behind a loopback chat-completions server (the one network boundary) ----
 class JudgeHandler(BaseHTTPRequestHandler):
     calls = 0
 
@@ -341,13 +186,11 @@ def test_a_judge_that_cannot_be_reached_stops_the_run_before_it_starts(tmp_path,
 
 def test_long_form_without_a_judge_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("JUDGE_MODEL", raising=False)
-    with pytest.raises(SystemExit, match="--task wiki-long: long-form, its rewards need a judge"):
+    with pytest.raises(SystemExit, match="--task 'wiki-long': long-form: its rewards need a judge"):
         train.main(["--model", models.TINY, "--task", "wiki-long", "--output-dir", str(tmp_path)])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# eval.py
-# ----------------------------------------------------------------------------------------------------------------------
+# ---- eval.py ----
 def test_eval_prints_and_writes_its_table(tiny_agent, tmp_path, capsys):
     evaluation.main(["--model", str(tiny_agent), "--task", "wiki", "fanoutqa", "--limit", "3", "--output",
                      str(tmp_path), "--max-new-tokens", "40", "--no-few-shot", "--passage-chars", "60"])
@@ -377,152 +220,6 @@ def test_eval_on_search_r1_files_reports_each_dataset_and_the_average(tiny_agent
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines if line.split() and line.split()[0] in ("nq", "hotpotqa", "average")] \
         == ["nq", "hotpotqa", "average"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The command line: --help, bad flags, missing files
-# ----------------------------------------------------------------------------------------------------------------------
-def run_cli(*arguments):
-    return subprocess.run([sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-FAULTS_OF_TEN_TENSORS = """
-import resource, sys, torch
-import eval
-if sys.argv[1] == "kept":
-    eval.keep_freed_memory(torch.device("cpu"))
-torch.ones(16 * 2**20)  # 64 MB, allocated, written and freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(16 * 2**20)  # the same size again
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's allocator")
-def test_a_cpu_run_keeps_freed_memory_for_the_next_tensors():
-    # By default glibc hands a freed 64 MB tensor back to the system, and the next one faults its 16,384 pages in
-    # again (the kernel zeroes each); a CPU run has glibc keep them (eval.keep_freed_memory). Now and then one of the
-    # ten still comes from fresh memory, never most of them.
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_OF_TEN_TENSORS, mode], cwd=ROOT, check=True,
-                                       capture_output=True, text=True).stdout.split()[-1])
-              for mode in ("default", "kept")}
-    assert faults["default"] > 9 * 16_384 and faults["kept"] < 3 * 16_384, faults
-
-
-def test_help_explains_every_flag():
-    result = run_cli("train.py", "--help")
-    assert result.returncode == 0
-    for field in dataclasses.fields(settings.TrainArgs):
-        flag = "--" + field.name.replace("_", "-")
-        assert flag in result.stdout, flag
-    assert "(the paper: 5) (default: 5); at least 2" in " ".join(result.stdout.split())  # the group size
-
-
-def test_a_bad_flag_on_the_command_line_is_named():
-    result = run_cli("train.py", "--algorithm", "ppo")
-    assert result.returncode == 2 and "argument --algorithm: invalid choice: 'ppo'" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("main, arguments, message", [
-    (train.main, ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-    (train.main, ["--task", "missing.jsonl"], "error: missing.jsonl: no such file"),
-    (train.main, ["--model", "./no-such-model"], "error: --model './no-such-model': no such folder"),
-    (train.main, ["--resume", "/no/such/run"], "error: --resume /no/such/run: no checkpoint there"),
-    (train.main, ["--retriever", "elastic"], "error: --retriever 'elastic': use bm25 or the http(s) URL"),
-    (train.main, ["--step", "3"], "unrecognized arguments: --step 3"),
-    (train.main, ["--retriever", "http://127.0.0.1:9"], "error: --retriever 'http://127.0.0.1:9': retrieval server "
-                                                        "http://127.0.0.1:9/retrieve unreachable"),
-    (train.main, ["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda or cuda:N"),
-    (train.main, ["--plot-only", "/no/such/run"], "error: --plot-only /no/such/run: no metrics.jsonl there"),
-    (evaluation.main, ["--split", "dev"], "argument --split: invalid choice: 'dev'"),
-    (evaluation.main, ["--model", "Qwen2.5-0.5B"], "could not load 'Qwen/Qwen2.5-0.5B-Instruct' from the Hugging"),
-])
-def test_bad_input_is_named(main, arguments, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an unreachable hub, at once
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(SystemExit) as stop:
-        main([*arguments, "--output" if main is evaluation.main else "--output-dir", str(tmp_path)])
-    said = str(stop.value.code) + capsys.readouterr().err
-    assert stop.value.code != 0 and message in said
-
-
-def test_an_earlier_run_is_never_overwritten_and_a_finished_one_says_so(vspo_run, tiny_agent):
-    before = (vspo_run / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match=f"--output-dir {vspo_run} holds an earlier run: continue it with --resume"):
-        train.main(small(tiny_agent, vspo_run, "--steps", "2"))
-    with pytest.raises(SystemExit, match="the checkpoint is already at step 2: pass --steps above it"):
-        train.main(["--resume", str(vspo_run)])
-    assert (vspo_run / "metrics.jsonl").read_text() == before
-
-
-def test_a_question_whose_prompt_leaves_no_room_to_answer_is_a_clear_error_naming_its_line(tiny_agent, tmp_path):
-    questions = tmp_path / "questions.jsonl"
-    rows_ = [{"question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]},
-             {"question": "Who painted it? " * 300, "golden_answers": ["x"]}]
-    questions.write_text("".join(json.dumps(row) + "\n" for row in rows_))
-    rule = (f"{re.escape(str(questions))}:2: the prompt \\(instructions, question\\) is \\d+ tokens, so "
-            f"--max-total-tokens 900 leaves no room to answer \\(1 of the 2 ")
-    with pytest.raises(SystemExit, match=rule + "training questions"):  # before the first step, not a run of zeros
-        train.main(small(tiny_agent, tmp_path / "run", "--task", str(questions), "--eval-task", "wiki"))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    with pytest.raises(SystemExit, match=rule + "questions of task questions"):
-        evaluation.main(["--model", str(tiny_agent), "--task", str(questions), "--output", str(tmp_path / "out"),
-                         "--max-total-tokens", "900", "--no-few-shot"])
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_malformed_question_file_names_file_line_and_field(tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "ok?", "golden_answers": ["a"]}) + "\n" + json.dumps({"question": "q"}))
-    with pytest.raises(SystemExit) as stop:
-        evaluation.main(["--task", str(bad), "--model", models.TINY, "--output", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match=r"would replace files already there \(bad.jsonl: an earlier evaluation, or a "
-                                         r"task file\)"):  # the task file itself is never written over
-        evaluation.main(["--task", str(bad), "--model", models.TINY, "--output", str(tmp_path)])
-    assert f"{bad}:2: missing field 'golden_answers'" in str(stop.value.code)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Nothing crashes, nothing is lost
-# ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flag, value, message", [
-    ("--istar-lr", "-1", "--istar-lr -1.0: must be at least 0"),
-    ("--max-grad-norm", "-1", "--max-grad-norm -1.0: must be above 0"),
-    ("--max-grad-norm", "0", "--max-grad-norm 0.0: must be above 0"),
-    ("--lr", "inf", "--lr inf: must be a finite number above 0"),
-    ("--kl-beta", "inf", "--kl-beta inf: must be a finite number at least 0"),
-    ("--temperature", "inf", "--temperature inf: must be a finite number above 0"),
-    ("--temperature", "0", "--temperature 0.0: must be above 0"),
-    ("--success-threshold", "nan", "--success-threshold nan: must be a finite number in [0, 1)"),
-    ("--istar-alpha", "nan", "--istar-alpha nan: must be a finite number at least 0"),
-    ("--istar-beta", "-5", "--istar-beta -5.0: must be above 0"),
-    ("--clip-eps-low", "5", "--clip-eps-low 5.0: must be in [0, 1)"),
-    ("--group-size", "1", "--group-size 1: must be at least 2"),
-    ("--top-p", "1.5", "--top-p 1.5: must be in (0, 1]"),
-    ("--seed", "-1", f"--seed -1: must be in [0, {2**32 - 1}]"),
-    ("--seed", str(2**32), f"--seed {2**32}: must be in [0, {2**32 - 1}]"),  # numpy's seeds end there
-])
-def test_every_number_is_checked_against_its_range_naming_its_flag(flag, value, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        train.main([flag, value])
-    assert stop.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_eval_numbers_are_checked_too(capsys):
-    with pytest.raises(SystemExit):
-        evaluation.main(["--temperature", "nan"])
-    assert "--temperature nan: must be a finite number at least 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        evaluation.main(["--seed", str(2**32)])
-    assert f"--seed {2**32}: must be in [0, {2**32 - 1}]" in capsys.readouterr().err
-
-
-def test_help_shows_ranges_and_no_empty_choice():
-    result = run_cli("train.py", "--help")
-    assert "{," not in result.stdout and "{value,random,filter,none}" in result.stdout
-    assert "(default: 1.0); above 0" in " ".join(result.stdout.split())  # --max-grad-norm's range
 
 
 class RetrievalHandler(BaseHTTPRequestHandler):
@@ -565,186 +262,6 @@ def test_failed_searches_are_counted_per_step_and_said(tiny_agent, tmp_path, mon
     assert "valid tool calls failed in the tool itself" in capsys.readouterr().out
 
 
-def test_a_run_killed_before_its_first_checkpoint_is_started_again_in_its_folder(vspo_run, tiny_agent, tmp_path,
-                                                                                 capsys):
-    run = copy_run(vspo_run, tmp_path / "run")
-    shutil.rmtree(run / "checkpoints")  # what a kill after the first evaluation, before the first save, leaves
-    with pytest.raises(SystemExit, match="stopped before its first checkpoint, so there is nothing to resume"):
-        train.main(["--resume", str(run)])
-    train.main(small(tiny_agent, run, "--steps", "2"))
-    assert "holds a run that stopped before its first checkpoint; this run starts again" in capsys.readouterr().out
-    assert [row["step"] for row in rows(run)] == [0, 1, 2]
-    assert_same_steps(rows(vspo_run), rows(run), [0, 1, 2])  # the same run again, its logs not doubled
-    assert (run / "samples.jsonl").read_text() == (vspo_run / "samples.jsonl").read_text()
-
-
-def test_a_branch_killed_before_its_first_checkpoint_can_be_started_again(vspo_run, tmp_path, monkeypatch, capsys):
-    source, branch = copy_run(vspo_run, tmp_path / "source"), tmp_path / "branch"
-    command = ["--resume", str(source), "--output-dir", str(branch), "--steps", "3"]
-    monkeypatch.setattr(run_folder, "save", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # step 3 of the branch is logged, then the process dies before its save
-        train.main(command)
-    monkeypatch.undo()
-    with pytest.raises(SystemExit, match=f"run the command that started it again \\(--resume {re.escape(str(source))} "
-                                         f"--output-dir {re.escape(str(branch))}"):
-        train.main(["--resume", str(branch)])  # not "run it again without --resume": that would start from step 0
-    train.main(command)  # the same command: the branch starts again, in place of its cut-short logs
-    assert "stopped before its first checkpoint; this run (from" in capsys.readouterr().out
-    assert [row["step"] for row in rows(branch)] == [3]
-    assert run_folder.find_checkpoint(str(branch)).name == "step-000003"
-
-
-def test_a_run_from_elsewhere_keeps_no_row_of_a_run_cut_short_in_its_folder(vspo_run, tiny_agent, tmp_path):
-    source, other = copy_run(vspo_run, tmp_path / "source"), copy_run(vspo_run, tmp_path / "other")
-    shutil.rmtree(other / "checkpoints")  # another run, steps 0 to 2 logged, killed before its first checkpoint
-    train.main(["--resume", str(source), "--output-dir", str(other), "--steps", "3"])
-    assert [row["step"] for row in rows(other)] == [3]  # not that run's 0, 1, 2 under this one's 3
-    assert {row["step"] for row in run_folder.read_jsonl(other / "samples.jsonl")} == {3}
-
-
-def test_a_second_run_in_a_folder_a_run_is_training_in_stops_at_once_and_a_killed_run_leaves_no_lock(tiny_agent,
-                                                                                                      tmp_path):
-    run = tmp_path / "run"
-    holder = subprocess.Popen(  # another process holding the folder as a training run does, until it is killed
-        [sys.executable, "-c", "import pathlib, sys, time, run_folder\n"
-         "with run_folder.exclusive(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)",
-         str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match=f"--output-dir {re.escape(str(run))}: in use by another run "
-                                             f"\\(pid {holder.pid} on "):
-            train.main(small(tiny_agent, run, "--steps", "1"))
-        assert sorted(p.name for p in run.iterdir()) == ["run.pid"]  # nothing of the second run written
-    finally:
-        holder.kill()  # SIGKILL: no chance to clean up
-        holder.wait()
-    with run_folder.exclusive(run):  # the OS let the lock go with the process: nothing stale to clear
-        assert f"pid {os.getpid()} " in (run / "run.pid").read_text()
-    assert not (run / "run.pid").exists()
-
-
-@pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir"])
-def test_a_folder_flag_that_names_a_file_is_a_clear_error(tmp_path, flag):
-    file = tmp_path / "notes.txt"
-    file.write_text("mine")
-    flags = {"--output-dir": str(tmp_path / "run"), flag: str(file)}
-    with pytest.raises(SystemExit, match=f"{flag} {re.escape(str(file))}"):
-        train.main(["--model", models.TINY, *[x for pair in flags.items() for x in pair]])
-    assert file.read_text() == "mine"
-
-
-def test_an_evaluation_into_a_folder_another_is_writing_stops_before_writing(tmp_path):
-    out = tmp_path / "out"
-    with run_folder.exclusive(out, "--output"):  # what an evaluation (or a training run) writing there holds
-        with pytest.raises(SystemExit, match=f"--output {re.escape(str(out))}: in use by another run \\(pid "):
-            evaluation.main(["--model", models.TINY, "--output", str(out), "--limit", "2"])
-        assert sorted(p.name for p in out.iterdir()) == ["run.pid"]  # no result of the second written
-
-
-def test_eval_output_that_names_a_file_is_a_clear_error(tmp_path):
-    file = tmp_path / "results.txt"
-    file.write_text("mine")
-    with pytest.raises(SystemExit, match=f"--output '{re.escape(str(file))}': a file, not a folder"):
-        evaluation.main(["--model", models.TINY, "--output", str(file)])
-    assert file.read_text() == "mine"
-
-
-def test_going_back_to_an_earlier_checkpoint_moves_latest_there_at_once(tiny_agent, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    train.main(small(tiny_agent, run, "--steps", "2", "--save-every", "1", "--keep-checkpoints", "2"))
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # the new branch's step 2 is logged, then the process dies before its save
-
-    monkeypatch.setattr(run_folder, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(["--resume", str(run / "checkpoints" / "step-000001"), "--lr", "5e-4", "--steps", "3"])
-    monkeypatch.undo()
-    # `latest` names the checkpoint the branch started from, not the old step 2 whose log row was dropped
-    assert run_folder.find_checkpoint(str(run)).name == "step-000001"
-    assert [row["step"] for row in rows(run)] == [0, 1, 2]
-    train.main(["--resume", str(run), "--steps", "3"])
-    assert [row["step"] for row in rows(run)] == [0, 1, 2, 3]
-    assert run_folder.find_checkpoint(str(run)).name == "step-000003"
-
-
-def test_resuming_into_a_folder_that_holds_another_run_is_refused(vspo_run, tmp_path):
-    other, source = copy_run(vspo_run, tmp_path / "other"), copy_run(vspo_run, tmp_path / "source")
-    before = (other / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match=f"--output-dir {other} holds another run"):
-        train.main(["--resume", str(source), "--output-dir", str(other), "--steps", "3"])
-    assert (other / "metrics.jsonl").read_text() == before
-    assert (other / "checkpoints" / "latest").read_text() == "step-000002"
-
-
-def test_resuming_with_other_training_data_is_refused_naming_the_task(vspo_run, tmp_path):
-    run = copy_run(vspo_run, tmp_path / "run")
-    questions = tmp_path / "questions.jsonl"
-    questions.write_text('{"question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"]}\n')
-    with pytest.raises(SystemExit, match=f"--task {questions}: not the training data"):
-        train.main(["--resume", str(run), "--task", str(questions), "--steps", "3"])
-    assert [row["step"] for row in rows(run)] == [0, 1, 2]
-
-
-class FakeWandb(types.ModuleType):
-    """The wandb package at its network boundary: records what a run asks of it."""
-
-    def __init__(self):
-        super().__init__("wandb")
-        self.inits, self.logged = [], []
-
-    def init(self, **options):
-        self.inits.append(options)
-        return types.SimpleNamespace(log=lambda metrics, step: self.logged.append(step), finish=lambda: None)
-
-
-class FakeSummaryWriter:
-    made = []
-
-    def __init__(self, log_dir, purge_step=None):
-        FakeSummaryWriter.made.append(purge_step)
-
-    def add_scalar(self, name, value, step):
-        pass
-
-    def close(self):
-        pass
-
-
-def test_a_resumed_run_goes_on_in_its_wandb_run_and_tensorboard_drops_the_steps_it_redoes(vspo_run, tiny_agent,
-                                                                                          tmp_path, monkeypatch):
-    fake = FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
-    FakeSummaryWriter.made.clear()
-    run = copy_run(vspo_run, tmp_path / "run")
-    train.main(["--resume", str(run), "--steps", "3", "--wandb"])
-    train.main(["--resume", str(run / "checkpoints" / "step-000002"), "--steps", "3", "--wandb"])  # step 3 again
-    assert [options["id"] for options in fake.inits] == [(run / "wandb_id").read_text()] * 2
-    assert all(options["resume"] == "allow" for options in fake.inits) and set(fake.logged) == {3}
-    assert FakeSummaryWriter.made == [3, 3]  # events from step 3 on are dropped: no step drawn twice
-    train.main(small(tiny_agent, tmp_path / "new", "--steps", "1", "--wandb", "--eval-size", "0"))
-    assert fake.inits[-1]["id"] != fake.inits[0]["id"] and FakeSummaryWriter.made[-1] == 0
-
-
-def test_a_checkpoint_renamed_into_place_is_found_without_latest(vspo_run, tmp_path):
-    run = copy_run(vspo_run, tmp_path / "run")
-    (run / "checkpoints" / "latest").unlink()  # a kill between the rename and the switch of `latest`
-    assert run_folder.find_checkpoint(str(run)).name == "step-000002"
-    with pytest.raises(SystemExit, match="holds an earlier run"):
-        train.main(["--output-dir", str(run)])
-
-
-def test_checkpoints_are_readable_as_the_umask_says(vspo_run):
-    umask = os.umask(0)
-    os.umask(umask)
-    checkpoint = vspo_run / "checkpoints" / "step-000002"
-    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o777 & ~umask
-    for path in checkpoint.iterdir():
-        if path.is_file():
-            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
-
-
 def test_a_non_finite_reward_is_unscored_and_counted(tiny_agent, tmp_path, monkeypatch):
     # A custom reward (or judge) that returns nan: its group must not turn into nan advantages.
     run, state = train.setup(parse(settings.TrainArgs, small(tiny_agent, tmp_path)))
@@ -767,17 +284,6 @@ def test_a_non_finite_reward_is_unscored_and_counted(tiny_agent, tmp_path, monke
     assert torch.isfinite(train.advantages(run, batch, None)).all()
 
 
-def test_eval_never_writes_over_an_earlier_evaluation_and_shows_progress(tiny_agent, tmp_path, capsys):
-    arguments = ["--model", str(tiny_agent), "--limit", "2", "--output", str(tmp_path), "--max-new-tokens", "24",
-                 "--no-few-shot", "--passage-chars", "60"]
-    evaluation.main(arguments)
-    assert "question" in capsys.readouterr().err  # the progress bar
-    before = {path.name: path.read_text() for path in tmp_path.iterdir()}
-    with pytest.raises(SystemExit, match=r"--output .* would replace files already there \(wiki.jsonl, metrics.json"):
-        evaluation.main(arguments)
-    assert {path.name: path.read_text() for path in tmp_path.iterdir()} == before
-
-
 def test_the_batch_is_shortest_first_and_each_row_keeps_its_own_reward_group_and_replays(tiny_agent, tmp_path):
     # Micro-batches are padded to their longest row, so make_batch orders rows by length; every per-row field must
     # follow its trajectory there.
@@ -795,3 +301,15 @@ def test_the_batch_is_shortest_first_and_each_row_keeps_its_own_reward_group_and
         n = len(t.response_ids)
         assert batch.tokens.response_ids[i, :n].tolist() == t.response_ids
         assert batch.tokens.loss_mask[i, :n].tolist() == t.loss_mask
+
+
+def test_two_tasks_that_would_write_one_file_are_refused_before_anything_is_written(tmp_path):
+    for folder in ("d1", "x", "y/d1"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    row = '{"question": "Which river?", "golden_answers": ["Nile"]}\n'
+    tasks = [tmp_path / "d1" / "test.jsonl", tmp_path / "x" / "d1_test.jsonl", tmp_path / "y" / "test.jsonl"]
+    for task in tasks:
+        task.write_text(row)
+    with pytest.raises(SystemExit, match="would both be written to d1_test.jsonl"):
+        evaluation.main(["--model", models.TINY, "--task", *map(str, tasks), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from trl.chat_template_utils import add_response_schema, parse_response, qwen2_5
 from trl.chat_template_utils import supports_tool_calling  # noqa: E402
 
 import models  # noqa: E402
-import prs  # noqa: E402
+import prs_adapters  # noqa: E402
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_trl_parses_the_worked_example_call_and_prs_scores_the_sampled_ids(token
     # the rest of the trajectory as TRL appends it, and PRS on the decoded ids: a well-formed, grounded answer
     full = tokenizer.apply_chat_template(example, tokenize=False)[len(prompt):]
     completion_ids = [tokenizer(full, add_special_tokens=False).input_ids]
-    reward = prs.trl_reward_for(tokenizer)
+    reward = prs_adapters.trl_reward_for(tokenizer)
     assert reward(["Q"], [[message]], completion_ids=completion_ids, golden_answers=[["Titan"]]) == [1.0]
 
 
@@ -101,9 +101,9 @@ def test_the_projects_loop_hands_trl_every_group_in_order_with_tool_tokens_maske
 
 def test_an_earlier_run_is_refused_before_training_starts(tmp_path, capsys):
     (tmp_path / "final").mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         trl_grpo.main(["--model", models.TINY, "--output-dir", str(tmp_path)])
-    assert f"--output-dir {tmp_path} holds an earlier run (final/)" in capsys.readouterr().err
+    assert f"--output-dir {tmp_path} holds an earlier run (final/)" in str(stop.value.code)
     assert not (tmp_path / "rounds.jsonl").exists()  # nothing was trained
 
 

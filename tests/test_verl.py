@@ -1,4 +1,4 @@
-"""prs.compute_score as verl calls it: README's config line, the file loaded by its path the way verl's
+"""prs_adapters.compute_score as verl calls it: README's config line, the file loaded by its path the way verl's
 `load_extern_object` loads it (spec_from_file_location under a fresh module name, not in sys.modules, its folder
 not on sys.path), `reward_kwargs` bound as verl binds them, and the call its reward loop's naive manager makes
 (keyword arguments, the decoded multi-turn response, the extra_info it assembles, from worker threads)."""
@@ -62,11 +62,12 @@ def multi_turn_response(answer: str, tokenizer) -> str:
 
 def test_compute_score_runs_in_verl_as_readme_configures_it(tmp_path):
     path, name = readme_config()
-    assert name == "compute_score" and Path(path).name == "prs.py"
+    assert name == "compute_score" and Path(path).name == "prs_adapters.py"
     tokenizer = models.load_tokenizer(models.TINY)
     responses = [multi_turn_response("Nile", tokenizer), multi_turn_response("Amazon", tokenizer),
                  "<answer>Nile</answer>"]
-    # from another folder, with nothing of this project on sys.path: prs.py finds tools.py beside it
+    # from another folder, with nothing of this project on sys.path: prs_adapters.py finds prs.py and tools.py
+    # beside it
     out = subprocess.run([sys.executable, "-c", VERL_WORKER, str(ROOT / path), name, json.dumps(responses),
                           json.dumps({"total_steps": 10, "step": 9})],
                          cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import vspo
 from vspo import (
-    DEFAULT_C_MAX,
     ValueBuffer,
     broadcast_to_tokens,
     choose_replacements,
@@ -317,10 +316,16 @@ def test_clip_bound_follows_c_max_over_sqrt_one_plus_k(k):
 
 @FAST
 @given(st.lists(st.floats(0.0, 1.0, width=32), min_size=5, max_size=5))
-def test_default_c_max_never_clips_a_fresh_grpo_group_of_five(rewards):
+def test_c_max_of_the_group_size_never_clips_a_fresh_grpo_group_of_five(rewards):
     advantages = group_advantages(torch.tensor(rewards), torch.zeros(5, dtype=torch.long))
-    assert DEFAULT_C_MAX == pytest.approx(4 / math.sqrt(5))
-    assert torch.equal(value_smoothing_clip(advantages, torch.zeros(5, dtype=torch.long)), advantages)
+    assert max_group_advantage(5) == pytest.approx(4 / math.sqrt(5))
+    assert torch.equal(value_smoothing_clip(advantages, torch.zeros(5, dtype=torch.long), max_group_advantage(5)),
+                       advantages)
+
+
+def test_c_max_has_no_default_that_could_clip_another_group_size():
+    with pytest.raises(TypeError):
+        value_smoothing_clip(torch.ones(2), torch.zeros(2))
 
 
 @FAST
@@ -336,7 +341,7 @@ def test_max_group_advantage_bounds_every_group_and_one_outlier_reaches_it(rewar
 
 def test_negative_replay_count_is_rejected():
     with pytest.raises(ValueError, match="replay counts"):
-        value_smoothing_clip(torch.ones(2), torch.tensor([0, -1]))
+        value_smoothing_clip(torch.ones(2), torch.tensor([0, -1]), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
