@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 import agent  # noqa: E402
+import cpu_speed  # noqa: E402
 import kv_cache  # noqa: E402
 import models  # noqa: E402
 import rollout  # noqa: E402
@@ -98,6 +99,7 @@ def main():
     args = parser.parse_args()
 
     device, dtype = agent.device_and_dtype(args)  # --dtype auto as train.py reads it
+    cpu_speed.keep_freed_memory(device)  # as train.py and eval.py
     model, tokenizer = models.load_model(args.model, device=device, dtype=dtype)
     registry = {"search": tools.search_tool(tools.BM25Search(data.wiki_corpus()), passage_chars=200)}
     examples = data.load_task("wiki", "test")[:args.trajectories // 2]

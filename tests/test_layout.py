@@ -39,7 +39,7 @@ def test_the_citation_check_catches_a_dead_citation():
     assert "9.9" not in sections() and CITATION.findall("see METHOD.md §9.9 there") == ["9.9"]
 
 
-# The pieces README's "Using the pieces elsewhere" offers for copying, each with what it needs beside it.
+# The pieces README's "Copying a piece" offers for copying, each with what it needs beside it.
 PIECES = {
     "vspo": ["vspo.py"],
     "prs": ["prs.py", "tools.py"],
