@@ -290,6 +290,12 @@ def check_digests(folder: Path, select=lambda path: True) -> None:
     except (OSError, ValueError):
         raise ModelLoadError(f"{folder / DIGESTS}: not a list of SHA-256 digests; the checkpoint cannot be checked "
                              f"(restore the file, or delete it to load the folder unchecked)") from None
+    unlisted = sorted(name for name in (path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                                        if path.is_file() and path.name != DIGESTS)
+                      if select(name) and name not in {name for _, name in listed})
+    if unlisted:  # a file the digests do not cover would load unchecked
+        raise ModelLoadError(f"{folder / unlisted[0]}: not listed in {folder / DIGESTS}, so it cannot be checked; "
+                             f"restore the list (or delete it to load the folder unchecked), or remove the file")
     for digest, name in listed:
         if not select(name):
             continue

@@ -127,6 +127,10 @@ def checkpoint_to_resume(args) -> Path | None:
     logs, no checkpoint) has nothing to resume: a new run takes it, and says so."""
     checkpoint = find_checkpoint(args.resume) if args.resume else None
     output = Path(args.output_dir)  # a folder: train.main holds it (`exclusive`) before it calls this
+    latest = output / "checkpoints" / "latest"
+    if latest.is_symlink() or (latest.exists() and not latest.is_file()):  # the run would fail at its first save
+        raise UsageError(f"{latest}: not a file (it holds the name of the newest checkpoint, step-NNNNNN); move it "
+                         f"away, or choose another --output-dir")
     own_folder = checkpoint is not None and checkpoint.parent.name == "checkpoints" and \
         checkpoint.parent.parent.resolve() == output.resolve()
     earlier = newest_checkpoint(output)
@@ -165,11 +169,14 @@ def save(run, state) -> Path:
         models.write_digests(tmp)
         _open_to_umask(tmp)  # mkdtemp makes the folder private, safetensors the weights: a teammate's server reads them
         _sync(tmp)  # on disk before the rename makes it whole: a power cut after it loses no file the name promises
-    except OSError as error:
+    except Exception as error:  # a full disk: OSError from files, RuntimeError from torch.save's writer
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        whole = newest_checkpoint(Path(run.args.output_dir))
-        raise UsageError(f"{final}: the checkpoint could not be written ({error.strerror or error}); what it had "
+        whole = None
+        with contextlib.suppress(UsageError):
+            whole = newest_checkpoint(Path(run.args.output_dir))
+        cause = getattr(error, "strerror", None) or f"{type(error).__name__}: {str(error)[:200]}; a full disk?"
+        raise UsageError(f"{final}: the checkpoint could not be written ({cause}); what it had "
                          f"written is removed. {f'{whole} is whole: free space and --resume it' if whole else ''}"
                          f"{'' if whole else 'No earlier checkpoint: free space and start the run again'}") from None
     if final.exists():  # a checkpoint of this step from a run that went back: set it aside first, atomically
@@ -179,7 +186,10 @@ def save(run, state) -> Path:
     _write_atomically(root / "latest", final.name)
     older = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit() and _step_of(p) < state.step), key=_step_of)
     for stale in older[:max(0, len(older) - (run.args.keep_checkpoints - 1))] + list(root.glob(".tmp-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # old checkpoints, and leftovers of runs killed mid-write
+        if stale.is_dir() and not stale.is_symlink():  # old checkpoints, and leftovers of runs killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     return final
 
 
@@ -310,11 +320,14 @@ def _step_of(checkpoint: Path) -> int:
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone once replaced)
     _sync_folder(path.parent)
 
 
@@ -350,6 +363,9 @@ def newest_checkpoint(output: Path) -> Path | None:
         named = (root / "latest").read_text(encoding="utf-8").strip()
     if named.startswith("step-") and named[5:].isdigit() and (root / named / "trainer_state.json").is_file():
         return root / named
+    if named.startswith("step-") and named[5:].isdigit() and os.path.lexists(root / named):
+        raise UsageError(f"{root / 'latest'} names {named}, which is not a whole checkpoint (no trainer_state.json "
+                         f"in it): restore it, or point latest at another checkpoint")
     whole = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
     return max(whole, key=_step_of) if whole else None
 
@@ -410,7 +426,13 @@ class Logger:
         own = start_step and (folder / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").exists()
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                rows = [row for row in read_jsonl(path) if row["step"] <= start_step] if own else []
+                rows = [row for row in read_jsonl(path) if isinstance(row, dict) and isinstance(row.get("step"), int)
+                        and row["step"] <= start_step] if own else []
+                missing = sorted(set(range(1, start_step + 1)) - {row["step"] for row in rows})
+                if path == self.metrics_path and own and missing:  # a row cut short or changed: it would be lost
+                    raise UsageError(f"{path}: no readable row for step {', '.join(map(str, missing[:5]))} of the "
+                                     f"run up to its checkpoint; restore the file, or move it away to resume "
+                                     f"without the earlier rows")
                 _write_atomically(path, "".join(jsonl_line(row) for row in rows))
         self.tensorboard = self.wandb = None
         with contextlib.suppress(ImportError):
@@ -549,48 +571,3 @@ def read_jsonl(path: Path) -> list[dict]:
         with contextlib.suppress(ValueError):
             rows.append(json.loads(line))
     return rows
-
-
-# ---- The curves ----
-PLOTS = (  # panel title -> metrics drawn in it
-    ("reward", ("reward", "stage_format", "stage_tool_call", "stage_evidence", "stage_answer", "stage_judge")),
-    ("answers and calls (training rollouts)", ("exact_match", "answered", "well_formed", "tool_calls")),
-    ("evaluation (greedy, held out)", ("eval_em", "eval_f1", "eval_format", "eval_answered", "eval_la_bleu")),
-    ("dead groups and replacements", ("dead_fraction", "dead_in_batch", "extra_rollouts_per_prompt")),
-    ("policy update", ("kl_ref", "approx_kl", "clip_fraction")),
-    ("response length (tokens)", ("response_tokens",)),
-    ("iStar PRM, before its update", ("istar_pair_accuracy", "istar_outcome_correlation", "istar_dpo_loss",
-                                      "istar_log_ratio_mean")),
-)
-
-
-def plot(folder: Path) -> Path:
-    """Draw the training curves of metrics.jsonl into training_curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not (folder / "metrics.jsonl").exists():
-        raise UsageError(f"--plot-only {folder}: no metrics.jsonl there")
-    rows = read_jsonl(folder / "metrics.jsonl")
-    panels = [(title, names) for title, names in PLOTS if any(name in row for row in rows for name in names)]
-    columns = max(1, (len(panels) + 1) // 2)
-    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
-    for axis in axes.flat[len(panels):]:
-        axis.set_visible(False)
-    for axis, (title, names) in zip(axes.flat, panels):
-        for name in names:
-            points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
-            if points:
-                axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=name)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        if axis.lines:
-            axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = folder / "training_curves.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import agent
 import cpu_speed
+import curves
 import data
 import eval as evaluation
 import istar
@@ -417,7 +418,7 @@ def train(args: TrainArgs) -> dict:
             with timer("checkpoint"):
                 run_folder.save(run, state)
             logger.amend(state.step, timer.metrics("checkpoint"))  # into the step's row, logged before the save
-            run_folder.plot(output)
+            curves.plot(output)
         progress.update(1)
         progress.set_postfix(run_folder.postfix(metrics), refresh=False)
     progress.close()
@@ -431,7 +432,7 @@ def main(argv=None) -> None:
     args = parse(TrainArgs, argv, __doc__)
     try:
         if args.plot_only:
-            print(run_folder.plot(Path(args.plot_only)))
+            print(curves.plot(Path(args.plot_only)))
             return
         if args.resume:
             args = run_folder.resumed_args(args, argv)

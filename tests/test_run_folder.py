@@ -482,3 +482,56 @@ def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind_and_names_the
     monkeypatch.setattr(torch, "save", real_save)
     train.main(["--resume", str(run), "--steps", "3"])  # space again: the run goes on from the whole checkpoint
     assert [row["step"] for row in rows(run)] == [0, 1, 2, 3]
+
+
+# ---- Found by an adversarial trial after round 3's fixes (each failed before its fix) ----
+def test_a_latest_that_is_a_folder_is_named_before_a_step_is_trained(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    latest = run / "checkpoints" / "latest"
+    latest.unlink()
+    latest.mkdir()  # before: the run trained a step, then failed writing latest with a traceback
+    with pytest.raises(SystemExit, match="checkpoints/latest: not a file"):
+        train.main(["--resume", str(run), "--steps", "3"])
+    assert [row["step"] for row in rows(run)] == [0, 1, 2] and not list(latest.parent.glob(".latest*"))
+
+
+def test_a_save_that_fails_inside_torch_cleans_up_and_names_the_checkpoint(tiny_agent, tmp_path, monkeypatch):
+    # a full disk reaches torch.save's writer as a RuntimeError, not an OSError: before, a traceback and a
+    # temporary checkpoint left filling the disk
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 12588224 vs 12588112")
+
+    monkeypatch.setattr(run_folder.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"step-000001: the checkpoint could not be written \(RuntimeError"):
+        train.main(small(tiny_agent, tmp_path / "run", "--steps", "1"))
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_log_row_cut_short_before_the_checkpoint_is_named_not_dropped(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    text = (run / "metrics.jsonl").read_text(encoding="utf-8")
+    (run / "metrics.jsonl").write_text(text[:-50], encoding="utf-8")  # the step-2 row cut short
+    with pytest.raises(SystemExit, match="metrics.jsonl: no readable row for step 2 "):
+        train.main(["--resume", str(run), "--steps", "3"])  # before: exit 0, and step 2's row gone for good
+    assert (run / "metrics.jsonl").read_text(encoding="utf-8") == text[:-50]
+
+
+@pytest.mark.parametrize("kept", ["all but the weights", "none"])
+def test_a_file_the_digests_do_not_list_is_named(vspo_run, tmp_path, kept):
+    run = copy_run(vspo_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step-000002"
+    digests = checkpoint / models.DIGESTS
+    lines = [line for line in digests.read_text().splitlines() if not line.endswith("  model.safetensors")]
+    digests.write_text("".join(f"{line}\n" for line in lines) if kept != "none" else "")
+    flip_a_byte(checkpoint / "model.safetensors", 200_000)  # before: loaded unchecked and trained on
+    with pytest.raises(SystemExit, match="model.safetensors: not listed in" if kept != "none" else "not listed in"):
+        train.main(["--resume", str(run), "--steps", "3"])
+
+
+def test_latest_naming_a_checkpoint_that_is_not_whole_is_named_and_the_checkpoint_kept(vspo_run, tmp_path):
+    run = copy_run(vspo_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "step-000002"
+    (checkpoint / "trainer_state.json").unlink()
+    with pytest.raises(SystemExit, match="names step-000002, which is not a whole checkpoint"):
+        train.main(["--resume", str(run), "--steps", "3"])  # before: resumed from step 1, and step 2 deleted
+    assert (checkpoint / "model.safetensors").exists()
