@@ -1,6 +1,6 @@
 """Train a tool-using QA agent with PRS rewards, VSPO sampling and (optionally) iStar credit, on one GPU or a CPU.
 
-    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~8 min
+    python train.py                                   # the embedded SmolLM2-135M on the wiki task, CPU, ~10 min
     python train.py --model Qwen2.5-1.5B --lr 1e-6 --temperature 1.0 --steps 500 --prompts-per-step 32
     python train.py --resume runs/default --steps 16  # continue where the last checkpoint left off
 
