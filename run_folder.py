@@ -183,7 +183,7 @@ def save(run, state) -> Path:
         os.replace(final, tmp.with_name(tmp.name + "-replaced"))
     os.replace(tmp, final)
     _sync_folder(root)
-    _write_atomically(root / "latest", final.name)
+    write_atomically(root / "latest", final.name)
     older = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit() and _step_of(p) < state.step), key=_step_of)
     for stale in older[:max(0, len(older) - (run.args.keep_checkpoints - 1))] + list(root.glob(".tmp-*")):
         if stale.is_dir() and not stale.is_symlink():  # old checkpoints, and leftovers of runs killed mid-write
@@ -282,7 +282,7 @@ def go_back(output: Path, step: int) -> None:
     once, so that a kill before the next save resumes it again (Logger drops the later steps' log rows)."""
     root, name = output / "checkpoints", f"step-{step:06d}"
     if (root / name / "trainer_state.json").exists() and newest_checkpoint(output) != root / name:
-        _write_atomically(root / "latest", name)
+        write_atomically(root / "latest", name)
 
 
 def _open_to_umask(folder: Path) -> None:
@@ -318,7 +318,9 @@ def _step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("step-"))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole or not at all: a kill leaves the old file or the new one, and a power cut
+    too (the bytes and the folder's entry reach the disk before and after the rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as file:
@@ -419,7 +421,7 @@ class Logger:
         """The run's logs in `folder`, for a run that starts after `start_step`; writes its settings (args.json)."""
         self.folder = folder
         go_back(folder, start_step)
-        _write_atomically(folder / "args.json", json.dumps(saved_args(args), indent=1))
+        write_atomically(folder / "args.json", json.dumps(saved_args(args), indent=1))
         self.metrics_path, self.samples_path = folder / "metrics.jsonl", folder / "samples.jsonl"
         # A run resumed from a checkpoint of this folder keeps the rows up to it; any other run replaces what a run
         # that stopped before its first checkpoint wrote here.
@@ -433,7 +435,7 @@ class Logger:
                     raise UsageError(f"{path}: no readable row for step {', '.join(map(str, missing[:5]))} of the "
                                      f"run up to its checkpoint; restore the file, or move it away to resume "
                                      f"without the earlier rows")
-                _write_atomically(path, "".join(jsonl_line(row) for row in rows))
+                write_atomically(path, "".join(jsonl_line(row) for row in rows))
         self.tensorboard = self.wandb = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
@@ -452,7 +454,7 @@ class Logger:
                 run_id = id_file.read_text().strip()
             else:
                 run_id = uuid.uuid4().hex[:12]
-                _write_atomically(id_file, run_id)
+                write_atomically(id_file, run_id)
             self.wandb = wandb.init(project="agentic-rl", config=saved_args(args), dir=str(folder), id=run_id,
                                     resume="allow")
 
@@ -475,7 +477,7 @@ class Logger:
         rows = read_jsonl(self.metrics_path)
         assert rows and rows[-1]["step"] == step, "amend the row just logged"
         rows[-1] |= metrics
-        _write_atomically(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        write_atomically(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
         for name, value in metrics.items():
             if self.tensorboard:
                 self.tensorboard.add_scalar(name, value, step)

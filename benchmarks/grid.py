@@ -124,7 +124,7 @@ def pause(runs: Path, stop: bool) -> None:
         raise SystemExit(f"error: no grid is running in {runs} ({pid_file} is missing, or names no live process)")
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {pid_file}: not a process id ({error}); no grid to {'pause' if stop else 'continue'}")
-    if not any(part.endswith(b"grid.py") for part in command):
+    if not any(Path(part.decode(errors="replace")).name == "grid.py" for part in command):  # not tests/test_grid.py
         raise SystemExit(f"error: {pid_file} names process {pid}, which is not a grid (a stale file): nothing done")
     for process in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):  # one may have ended meanwhile
@@ -215,14 +215,31 @@ def own_folder(folder: Path, flags: list[str]) -> Path:
 
 
 def read_summary(path: Path) -> dict:
-    """A run's summary, or an error naming the file (one cut short by a kill, or edited)."""
+    """A run's summary (or the base evaluation), or an error naming the file and the field: a file cut short by a
+    kill, or edited, is never averaged into the table."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
         if not (isinstance(summary, dict) and isinstance(summary.get("flags"), list)):
             raise ValueError("no flags")
+        check_summary_fields(summary)
         return summary
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {path}: not a run summary ({error}); delete it to run that cell and seed again")
+
+
+def check_summary_fields(summary: dict) -> None:
+    """Raise a ValueError naming the first figure of `summary` that is not a number (or null: a metric not logged)."""
+    steps, evaluation = summary.get("steps", []), summary.get("eval")
+    if not (isinstance(steps, list) and all(isinstance(row, dict) and "step" in row for row in steps)):
+        raise ValueError("steps: not a list of steps")
+    if not (isinstance(evaluation, dict) and all(isinstance(task, dict) for task in evaluation.values())):
+        raise ValueError("eval: not an evaluation per task")
+    figures = [(f"steps[{i}].{key}", value) for i, row in enumerate(steps) for key, value in row.items()]
+    figures += [(f"eval.{task}.{key}", value) for task, numbers in evaluation.items() for key, value in numbers.items()]
+    figures += [(key, summary[key]) for key in ("train_wall_s", "eval_wall_s", "cpu_s") if key in summary]
+    for where, value in figures:
+        if not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+            raise ValueError(f"{where}: {value!r} is not a number")
 
 
 def summarise(cell: str, seed: int, flags: list[str], folder: Path, cost: dict) -> dict:
@@ -278,11 +295,9 @@ def evaluate_base(args) -> Path:
 
 
 def write_json(path: Path, value) -> None:
-    """Write a summary whole or not at all (a kill mid-write leaves the earlier file or none, never half of one)."""
+    """Write a summary whole or not at all, a kill or a power cut mid-write included (run_folder.write_atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    run_folder.write_atomically(path, json.dumps(value, indent=1) + "\n")
 
 
 # ---- From summaries to figures per run, per cell, and the claims ----
@@ -301,7 +316,22 @@ def figures(summary: dict, prompts_per_step: int) -> dict:
             "extra_rollouts": round(sum(row["extra_rollouts_per_prompt"] for row in steps) * prompts_per_step),
             "sampled": sum(row["trajectories"] for row in steps),
             "kl_max": max((row.get("kl_ref") or 0.0) for row in steps),
-            "wall_min": (summary["train_wall_s"] + summary["eval_wall_s"]) / 60, "cpu_min": summary["cpu_s"] / 60}
+            "wall_min": (summary["train_wall_s"] + summary["eval_wall_s"]) / 60, "cpu_min": summary["cpu_s"] / 60,
+            **istar_figures(steps)}
+
+
+def istar_figures(steps: list[dict]) -> dict:
+    """iStar's PRM over a run, from train.py's istar_* diagnostics (None without iStar): the share of its success/
+    failure pairs it ranked right before each update (all of the run's pairs together), the steps without a pair, the
+    mean within-group correlation of summed step rewards with the outcome, and the mean log-ratio to the policy
+    (negative: drift; README, "Reading it beside the paper", says how to read them)."""
+    logged = [row for row in steps if "istar_pairs" in row]
+    pairs = [(row["istar_pair_accuracy"], row["istar_pairs"]) for row in logged if row["istar_pairs"]]
+    mean = lambda key: mean_sd(row[key] for row in logged if row.get(key) is not None and math.isfinite(row[key]))
+    return {"prm_pair_accuracy": sum(a * n for a, n in pairs) / sum(n for _, n in pairs) if pairs else None,
+            "prm_steps_without_pairs": sum(not row["istar_pairs"] for row in logged) if logged else None,
+            "prm_outcome_correlation": (mean("istar_outcome_correlation") or [None])[0],
+            "prm_log_ratio": (mean("istar_log_ratio_mean") or [None])[0]}
 
 
 def mean_sd(values) -> tuple[float, float] | None:
@@ -353,6 +383,11 @@ TABLE = [  # (column, figure key, format)
     ("max KL", "kl_max", "{:.4f}"), ("wall min", "wall_min", "{:.1f}"),
     ("CPU min", "cpu_min", "{:.0f}"),
 ]
+ISTAR_TABLE = [  # shown for the cells that ran iStar
+    ("PRM pairs ranked right", "prm_pair_accuracy", "{:.2f}"),
+    ("steps without a pair", "prm_steps_without_pairs", "{:.0f}"),
+    ("step rewards' correlation with the outcome", "prm_outcome_correlation", "{:.2f}"),
+    ("mean log-ratio to the policy", "prm_log_ratio", "{:.3f}")]
 
 
 def cell_text(values: list, fmt: str) -> str:
@@ -411,6 +446,14 @@ def report(args) -> tuple[Path, Path]:
         for cell in cells:
             lines.append(f"| {cell} | {len(per_cell[cell])} | " + " | ".join(
                 cell_text([f[key] for f in per_cell[cell]], fmt) for _, key, fmt in block) + " |")
+        lines.append("")
+    istar_cells = [cell for cell in cells if any(f["prm_pair_accuracy"] is not None for f in per_cell[cell])]
+    if istar_cells:
+        lines += ["| cell | seeds | " + " | ".join(name for name, _, _ in ISTAR_TABLE) + " |",
+                  "|---|---|" + "---|" * len(ISTAR_TABLE)]
+        lines += [f"| {cell} | {len(per_cell[cell])} | " + " | ".join(
+            cell_text([f[key] for f in per_cell[cell]], fmt) for _, key, fmt in ISTAR_TABLE) + " |"
+            for cell in istar_cells]
         lines.append("")
     lines += ["| claim | metric | a | b | seeds separate? | permutation p |", "|---|---|---|---|---|---|"]
     for a, b, key, better, claim in CLAIMS:

@@ -2,6 +2,7 @@
 eval.py as subprocesses, summaries, the table, the figure, a finished run skipped)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -155,6 +156,37 @@ def test_a_summary_cut_short_is_named(tmp_path):
         grid.main(["--report-only", "--results", str(tmp_path)])
 
 
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: s["steps"][1].update(step="one"), "steps[1].step: 'one' is not a number"),
+    (lambda s: s["steps"][0].update(reward=[0.5]), "steps[0].reward: [0.5] is not a number"),
+    (lambda s: s["eval"]["wiki"].update(em="0.4"), "eval.wiki.em: '0.4' is not a number"),
+    (lambda s: s.update(steps={"1": {}}), "steps: not a list of steps"),
+    (lambda s: s.update(cpu_s=True), "cpu_s: True is not a number"),
+])
+def test_a_summary_with_a_field_of_the_wrong_type_is_named_not_averaged(edit, named, tmp_path):
+    summary = {"cell": "prs-vspo", "seed": 0, "flags": [], "steps": [{"step": 1, "reward": 0.25},
+                                                                     {"step": 2, "reward": 0.5}],
+               "eval": {"wiki": {"em": 0.1}}, "train_wall_s": 1.0, "eval_wall_s": 1.0, "cpu_s": 2.0}
+    (tmp_path / "prs-vspo-seed0.json").write_text(json.dumps(summary))
+    assert grid.read_summary(tmp_path / "prs-vspo-seed0.json") == summary  # the summary as written reads back
+    edit(summary)
+    (tmp_path / "prs-vspo-seed0.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match=re.escape(f"prs-vspo-seed0.json: not a run summary ({named}")):
+        grid.read_summary(tmp_path / "prs-vspo-seed0.json")
+
+
+def test_summaries_reach_the_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    # A summary renamed into place before its bytes are on the disk can read back empty after a power cut: the
+    # file's bytes and the folder's entry are both flushed (fsync) before and after the rename.
+    synced = []
+    real_fsync = grid.os.fsync
+    monkeypatch.setattr(grid.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    grid.write_json(tmp_path / "results" / "prs-vspo-seed0.json", {"cell": "prs-vspo"})
+    assert len(synced) >= 2  # the file, then the folder
+    assert json.loads((tmp_path / "results" / "prs-vspo-seed0.json").read_text()) == {"cell": "prs-vspo"}
+    assert [path.name for path in (tmp_path / "results").iterdir()] == ["prs-vspo-seed0.json"]  # no temporary left
+
+
 def test_pause_stops_only_the_grid_and_what_it_runs(tmp_path):
     import os
     import subprocess
@@ -167,6 +199,15 @@ def test_pause_stops_only_the_grid_and_what_it_runs(tmp_path):
         (runs / "grid.pid").write_text(content)
         with pytest.raises(SystemExit, match=message):
             grid.main(["--pause", "--runs", str(runs)])
+    # a process whose command line only ends in "grid.py" (pytest running tests/test_grid.py, say) is not a grid
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "tests/test_grid.py"])
+    try:
+        (runs / "grid.pid").write_text(str(other.pid))
+        with pytest.raises(SystemExit, match="which is not a grid"):
+            grid.main(["--pause", "--runs", str(runs)])
+    finally:
+        other.kill()
+        other.wait()
     # a stand-in grid: a script named grid.py that starts a child, as the grid starts train.py
     script = tmp_path / "grid.py"
     script.write_text("import subprocess, sys, time\n"
@@ -190,3 +231,19 @@ def test_pause_stops_only_the_grid_and_what_it_runs(tmp_path):
         for pid in (fake.pid, child):
             os.kill(pid, 9)
         fake.wait()
+
+
+def test_the_prms_figures_weigh_pairs_and_leave_out_steps_without_them():
+    nan = float("nan")
+    steps = [{"step": 1, "istar_pairs": 0.0, "istar_pair_accuracy": nan, "istar_outcome_correlation": nan,
+              "istar_log_ratio_mean": 0.0},
+             {"step": 2, "istar_pairs": 4.0, "istar_pair_accuracy": 0.0, "istar_outcome_correlation": -0.5,
+              "istar_log_ratio_mean": -0.2},
+             {"step": 3, "istar_pairs": 12.0, "istar_pair_accuracy": 1.0, "istar_outcome_correlation": 0.9,
+              "istar_log_ratio_mean": -0.4}]
+    figures = grid.istar_figures(steps)
+    assert figures["prm_pair_accuracy"] == pytest.approx(12 / 16)  # pairs weigh, not steps (that would be 0.5)
+    assert figures["prm_steps_without_pairs"] == 1
+    assert figures["prm_outcome_correlation"] == pytest.approx(0.2)  # NaN (no pair) left out
+    assert figures["prm_log_ratio"] == pytest.approx(-0.2)
+    assert set(grid.istar_figures([{"step": 1, "reward": 0.5}]).values()) == {None}  # a run without iStar
