@@ -327,11 +327,14 @@ def istar_figures(steps: list[dict]) -> dict:
     (negative: drift; README, "Reading it beside the paper", says how to read them)."""
     logged = [row for row in steps if "istar_pairs" in row]
     pairs = [(row["istar_pair_accuracy"], row["istar_pairs"]) for row in logged if row["istar_pairs"]]
-    mean = lambda key: mean_sd(row[key] for row in logged if row.get(key) is not None and math.isfinite(row[key]))
+
+    def mean(key):
+        values = [row[key] for row in logged if row.get(key) is not None and math.isfinite(row[key])]
+        return statistics.fmean(values) if values else None
+
     return {"prm_pair_accuracy": sum(a * n for a, n in pairs) / sum(n for _, n in pairs) if pairs else None,
             "prm_steps_without_pairs": sum(not row["istar_pairs"] for row in logged) if logged else None,
-            "prm_outcome_correlation": (mean("istar_outcome_correlation") or [None])[0],
-            "prm_log_ratio": (mean("istar_log_ratio_mean") or [None])[0]}
+            "prm_outcome_correlation": mean("istar_outcome_correlation"), "prm_log_ratio": mean("istar_log_ratio_mean")}
 
 
 def mean_sd(values) -> tuple[float, float] | None:
@@ -440,20 +443,15 @@ def report(args) -> tuple[Path, Path]:
                   f"{base['wiki']['f1']:.3f}, well-formed {base['wiki']['format']:.2f}; fanoutqa EM "
                   f"{base['fanoutqa']['em']:.3f}, F1 {base['fanoutqa']['f1']:.3f}, well-formed "
                   f"{base['fanoutqa']['format']:.2f}.", ""]
-    for block in (TABLE[:9], TABLE[9:]):
+    istar_cells = [cell for cell in cells if any(f["prm_pair_accuracy"] is not None for f in per_cell[cell])]
+    for block, shown in ((TABLE[:9], cells), (TABLE[9:], cells), (ISTAR_TABLE, istar_cells)):
+        if not shown:
+            continue
         lines += ["| cell | seeds | " + " | ".join(name for name, _, _ in block) + " |",
                   "|---|---|" + "---|" * len(block)]
-        for cell in cells:
+        for cell in shown:
             lines.append(f"| {cell} | {len(per_cell[cell])} | " + " | ".join(
                 cell_text([f[key] for f in per_cell[cell]], fmt) for _, key, fmt in block) + " |")
-        lines.append("")
-    istar_cells = [cell for cell in cells if any(f["prm_pair_accuracy"] is not None for f in per_cell[cell])]
-    if istar_cells:
-        lines += ["| cell | seeds | " + " | ".join(name for name, _, _ in ISTAR_TABLE) + " |",
-                  "|---|---|" + "---|" * len(ISTAR_TABLE)]
-        lines += [f"| {cell} | {len(per_cell[cell])} | " + " | ".join(
-            cell_text([f[key] for f in per_cell[cell]], fmt) for _, key, fmt in ISTAR_TABLE) + " |"
-            for cell in istar_cells]
         lines.append("")
     lines += ["| claim | metric | a | b | seeds separate? | permutation p |", "|---|---|---|---|---|---|"]
     for a, b, key, better, claim in CLAIMS:
