@@ -317,8 +317,9 @@ class ImplicitPRM:
             outcome_correlation   within groups, between a trajectory's summed step rewards β z(τ) and its
                                   outcome reward (NaN where either is constant): below 0, the PRM prefers failures
             log_ratio_mean        mean of log π_φ − log π_θold over sampled tokens, −KL(π_θold ‖ π_φ) estimated on
-                                  π_θold's samples: negative step after step means the policy moves away from the
-                                  PRM faster than the PRM learns (drift), not that the PRM learned something
+                                  π_θold's samples: below 0 whenever the two differ, by learning or by drift; its
+                                  size is how far apart they are. With pair_accuracy below 0.5 it is drift (the
+                                  policy outran the PRM): reversed credit
             step_reward_mean      over real steps
             grad_norm, skipped    the PRM's gradient norm before clipping; 1.0 when no pair left it unmoved
 
